@@ -17,8 +17,8 @@ use super::shared::{
     PublishReq,
 };
 use super::subscription::{decode_cbor, decode_raw, Subscription};
-use crate::core::{self, Received, SubscribeOptions};
-use crate::error::{FlushError, PublishError, ReceiveError, SubscribeError};
+use crate::core::{self, SubscribeOptions};
+use crate::error::{FlushError, PublishError, SubscribeError};
 use crate::plugin::Outgoing;
 
 thread_local! {
@@ -296,17 +296,16 @@ impl Client {
     /// The content type of a serde publish of `T` on `topic`: plain CBOR, or on a typed
     /// topic (`Client::topic`) its tag when `T` is its type, else `TypeMismatch`.
     fn content_type_for<T: ?Sized>(&self, topic: &str) -> Result<Cow<'static, str>, PublishError> {
-        let types = self.inner.types.lock().unwrap_or_else(|p| p.into_inner());
-        let Some((tag, name)) = types.get(topic) else {
+        let Some((tag, name)) = self.inner.types.get(topic) else {
             return Ok(Cow::Borrowed(core::CBOR));
         };
         let given = rust_type_name::<T>();
-        if given == *name {
+        if given == name {
             Ok(Cow::Owned(crate::tag::content_type(tag)))
         } else {
             Err(PublishError::TypeMismatch {
                 topic: topic.to_owned(),
-                expected: (*tag).to_owned(),
+                expected: tag.to_owned(),
                 found: given.to_owned(),
             })
         }
@@ -314,12 +313,11 @@ impl Client {
 
     /// On a typed topic only its tag's content type may be published.
     fn check_content_type(&self, topic: &str, content_type: &str) -> Result<(), PublishError> {
-        let types = self.inner.types.lock().unwrap_or_else(|p| p.into_inner());
-        match types.get(topic) {
-            Some((tag, _)) if crate::tag::tag_of(content_type) != Some(*tag) => {
+        match self.inner.types.get(topic) {
+            Some((tag, _)) if crate::tag::tag_of(content_type) != Some(tag) => {
                 Err(PublishError::TypeMismatch {
                     topic: topic.to_owned(),
-                    expected: (*tag).to_owned(),
+                    expected: tag.to_owned(),
                     found: content_type.to_owned(),
                 })
             }
@@ -333,18 +331,14 @@ impl Client {
         topic: &str,
         tag: &'static str,
     ) -> Result<(), PublishError> {
-        let mut types = self.inner.types.lock().unwrap_or_else(|p| p.into_inner());
-        match types.get(topic) {
-            Some((t, _)) if *t != tag => Err(PublishError::TypeMismatch {
+        self.inner
+            .types
+            .register(topic, tag, rust_type_name::<T>())
+            .map_err(|t| PublishError::TypeMismatch {
                 topic: topic.to_owned(),
-                expected: (*t).to_owned(),
+                expected: t.to_owned(),
                 found: tag.to_owned(),
-            }),
-            _ => {
-                types.insert(topic.to_owned(), (tag, rust_type_name::<T>()));
-                Ok(())
-            }
-        }
+            })
     }
 
     /// Publishes raw bytes with a content type of your choice.
@@ -427,7 +421,7 @@ impl Client {
         &self,
         filter: &str,
         opts: SubscribeOptions,
-        decode: fn(&Received) -> Result<T, ReceiveError>,
+        decode: super::subscription::Decode<T>,
     ) -> Result<Subscription<T>, SubscribeError> {
         let filter = TopicFilter::new(filter)?;
         self.inner.plugins.on_subscribe(&filter)?;

@@ -363,8 +363,7 @@ pub(crate) struct Inner {
     pub(crate) plugins: Plugins,
     pub(crate) backlog: Arc<Backlog>,
     /// Typed topics (`Client::topic`): topic → (tag, Rust type name).
-    pub(crate) types:
-        std::sync::Mutex<std::collections::HashMap<String, (&'static str, &'static str)>>,
+    pub(crate) types: TypedTopics,
     /// Messages typed subscriptions refused as another type.
     pub(crate) type_mismatches: Arc<std::sync::atomic::AtomicU64>,
     /// How long `close` waits for its flush (the connect timeout): a relay that keeps
@@ -447,6 +446,44 @@ impl std::fmt::Debug for Inner {
         f.debug_struct("Client")
             .field("state", &*self.state.borrow())
             .finish_non_exhaustive()
+    }
+}
+
+/// The typed topics of a client (`Client::topic`): topic → (tag, Rust type name). Every
+/// publish asks it; until a topic is typed the answer is one atomic load, not a lock and a
+/// hash of the topic.
+#[derive(Debug, Default)]
+pub(crate) struct TypedTopics {
+    any: std::sync::atomic::AtomicBool,
+    map: std::sync::Mutex<std::collections::HashMap<String, (&'static str, &'static str)>>,
+}
+
+impl TypedTopics {
+    /// `topic`'s tag and Rust type name, if it is typed.
+    pub(crate) fn get(&self, topic: &str) -> Option<(&'static str, &'static str)> {
+        if !self.any.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(topic).copied()
+    }
+
+    /// Types `topic` as `(tag, name)` unless it carries another tag already (that tag).
+    pub(crate) fn register(
+        &self,
+        topic: &str,
+        tag: &'static str,
+        name: &'static str,
+    ) -> Result<(), &'static str> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(topic) {
+            Some((t, _)) if *t != tag => Err(t),
+            _ => {
+                map.insert(topic.to_owned(), (tag, name));
+                self.any.store(true, std::sync::atomic::Ordering::Release);
+                Ok(())
+            }
+        }
     }
 }
 

@@ -25,7 +25,7 @@ pub struct Subscription<T> {
     pub(super) ended: Arc<AtomicBool>,
     pub(super) id: LocalSubId,
     pub(super) cmd: mpsc::UnboundedSender<Command>,
-    pub(super) decode: fn(&Received) -> Result<T, ReceiveError>,
+    pub(super) decode: Decode<T>,
     /// The client's count of `ReceiveError::TypeMismatch`.
     pub(super) mismatches: Arc<AtomicU64>,
     pub(super) _t: PhantomData<fn() -> T>,
@@ -146,7 +146,7 @@ impl<T> Subscription<T> {
             }
             return Poll::Ready(Some(match item {
                 Item::Msg(r, token) => {
-                    let m = to_message(&r, self.decode);
+                    let m = to_message(r, self.decode);
                     if let Err(ReceiveError::TypeMismatch { .. }) = &m {
                         self.mismatches.fetch_add(1, Ordering::Relaxed);
                     }
@@ -216,22 +216,30 @@ impl<T: std::fmt::Debug> std::fmt::Debug for Unacked<T> {
     }
 }
 
-fn to_message<T>(
-    r: &Received,
-    decode: fn(&Received) -> Result<T, ReceiveError>,
-) -> Result<Message<T>, ReceiveError> {
+/// Decodes a received message into the subscriber's type. Handed the `Received` itself
+/// (mutably) so a decoder may take its payload instead of copying it ([`decode_raw`]).
+pub(super) type Decode<T> = fn(&mut Received) -> Result<T, ReceiveError>;
+
+/// The app's message. When this subscription is the message's only holder (one
+/// subscription matched it, no plugin memo keeps it) its topic, content type and payload
+/// move into the `Message`; otherwise they are copied as before. A subscriber that only
+/// looks at part of a payload then never pulls the rest into its cache, and a message
+/// costs no allocation here (measured in docs/SPEED-HISTORY.md, wave 2 session 52).
+fn to_message<T>(r: Arc<Received>, decode: Decode<T>) -> Result<Message<T>, ReceiveError> {
+    let mut r = Arc::try_unwrap(r).unwrap_or_else(|shared| (*shared).clone());
+    let value = decode(&mut r)?;
     Ok(Message {
-        topic: r.topic.clone(),
+        topic: r.topic,
         sender: r.sender,
         id: r.msg_id,
         timestamp_ms: r.ts_ms,
         seq: r.seq,
         retained: r.retained,
-        content_type: r.content_type.clone(),
+        content_type: r.content_type,
         tree_id: r.tree_id,
         epoch: r.epoch,
-        provenance: r.provenance.clone(),
-        value: decode(r)?,
+        provenance: r.provenance,
+        value,
     })
 }
 
@@ -248,7 +256,7 @@ impl<T> Drop for Subscription<T> {
     }
 }
 
-pub(super) fn decode_cbor<T: DeserializeOwned>(r: &Received) -> Result<T, ReceiveError> {
+pub(super) fn decode_cbor<T: DeserializeOwned>(r: &mut Received) -> Result<T, ReceiveError> {
     if !tag::is_cbor(&r.content_type) {
         return Err(ReceiveError::ContentType {
             expected: core::CBOR,
@@ -260,7 +268,9 @@ pub(super) fn decode_cbor<T: DeserializeOwned>(r: &Received) -> Result<T, Receiv
 
 /// A typed topic's decoder: only messages tagged with `T::TAG`; anything else (another
 /// tag, untagged CBOR, other content) is a `TypeMismatch`, never decoded.
-pub(super) fn decode_typed<T: DeserializeOwned + TypeTag>(r: &Received) -> Result<T, ReceiveError> {
+pub(super) fn decode_typed<T: DeserializeOwned + TypeTag>(
+    r: &mut Received,
+) -> Result<T, ReceiveError> {
     if tag::tag_of(&r.content_type) != Some(T::TAG) {
         return Err(ReceiveError::TypeMismatch {
             topic: r.topic.to_string(),
@@ -279,6 +289,58 @@ fn cbor_value<T: DeserializeOwned>(r: &Received) -> Result<T, ReceiveError> {
     })
 }
 
-pub(super) fn decode_raw(r: &Received) -> Result<Vec<u8>, ReceiveError> {
-    Ok(r.payload.to_vec())
+/// The payload as it came: taken out of the `Received` (no copy when nothing else holds
+/// its bytes; `Vec::from(Bytes)` copies only a shared buffer).
+pub(super) fn decode_raw(r: &mut Received) -> Result<Vec<u8>, ReceiveError> {
+    Ok(Vec::from(std::mem::take(&mut r.payload)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use whispeer_protocol::{MessageId, Provenance, Topic, TreeId};
+
+    fn received(payload: &[u8]) -> Received {
+        // The opened body as an open job hands it over: a vector longer than the payload
+        // was cut to it (capacity beyond its length).
+        let mut body = Vec::with_capacity(payload.len() + 64);
+        body.extend_from_slice(payload);
+        Received {
+            topic: Topic::new("t/x").unwrap(),
+            sender: None,
+            msg_id: MessageId([7; 16]),
+            ts_ms: 1,
+            seq: 1,
+            content_type: "application/octet-stream".into(),
+            payload: Bytes::from(body),
+            retained: false,
+            tree_id: TreeId([1; 16]),
+            epoch: 0,
+            provenance: Provenance::AdminSigned,
+        }
+    }
+
+    /// Held by one subscription only, a message's payload is handed over, not copied (its
+    /// bytes stay where the open left them); shared by two, each gets its own copy.
+    #[test]
+    fn a_payload_only_one_subscription_holds_moves_into_the_message() {
+        let r = Arc::new(received(&[5; 1024]));
+        let at = r.payload.as_ptr();
+        let m = to_message(r, decode_raw).expect("decodes");
+        assert_eq!(m.value, vec![5; 1024]);
+        assert_eq!(m.value.as_ptr(), at, "moved, not copied");
+        assert_eq!(m.topic.as_str(), "t/x");
+
+        let r = Arc::new(received(&[6; 1024]));
+        let other = r.clone();
+        let m = to_message(r, decode_raw).expect("decodes");
+        assert_eq!(m.value, vec![6; 1024]);
+        assert_ne!(m.value.as_ptr(), other.payload.as_ptr(), "shared: copied");
+        assert_eq!(
+            &other.payload[..],
+            &[6; 1024][..],
+            "the other holder keeps it"
+        );
+    }
 }
