@@ -2028,6 +2028,103 @@ fn an_unnumbered_message_without_room_is_dropped_once_and_reaches_the_neighbour(
     );
 }
 
+/// A message held back for want of an at-least-once subscription's room that the relay did
+/// not pause (it sent the copy, so nothing comes from its store) comes again only as a
+/// redelivery after the relay's ack timeout — a copy a QoS 0 neighbour never takes. Once
+/// that redelivery reached the subscription it was held back for, the neighbour is told of
+/// its loss at once (before: never — found by `tests/mixed_load.rs`).
+#[test]
+fn a_redelivery_that_ends_a_hold_tells_the_neighbour_it_lost_the_message() {
+    let mut steps = connected_with(live_sub(1, "h/#", qos1()));
+    steps.extend(live_sub(2, "h/#", SubscribeOptions::new().capacity(16)));
+    for (name, topic) in [("m1", "h/a"), ("m2", "h/b")] {
+        steps.push(Seal { name, topic });
+    }
+    steps.extend([
+        Deliver {
+            msg: "m1",
+            seq: 1,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m1" }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m1" }),
+        // No room for 1: held back from both.
+        Deliver {
+            msg: "m2",
+            seq: 2,
+            flags: 0,
+        },
+        ExpectNoEvent,
+        Take(1),
+        // Never acked, so the relay redelivers it: 1 takes the copy, 2 never will.
+        Deliver {
+            msg: "m2",
+            seq: 2,
+            flags: msg_flags::REDELIVERED,
+        },
+        ExpectEvent(Ev::Dropped { sub: 2, n: 1 }),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m2" }),
+        ExpectNoEvent,
+    ]);
+    play(
+        "redelivery ends a hold",
+        || Sim::new(|c| c.sub_capacity = 1),
+        &steps,
+    );
+}
+
+/// A copy of a message already handed out, held back later (a redelivery meeting a full
+/// subscription), takes nothing from the subscriptions routed it: they are not tracked as
+/// denied it, so a later copy is neither shown to them twice nor reported lost to them
+/// (found by `tests/mixed_load.rs`: an at-least-once neighbour saw such messages twice).
+#[test]
+fn a_later_copy_held_back_denies_nothing_to_those_that_had_the_message() {
+    let mut steps = connected_with(live_sub(1, "h/#", qos1()));
+    steps.extend(live_sub(2, "h/#", qos1().capacity(16)));
+    for (name, topic) in [("m1", "h/a"), ("m2", "h/b")] {
+        steps.push(Seal { name, topic });
+    }
+    steps.extend([
+        Deliver {
+            msg: "m1",
+            seq: 1,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m1" }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m1" }),
+        Take(1),
+        Deliver {
+            msg: "m2",
+            seq: 2,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m2" }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
+        // 1's ack of m1 was late: the relay redelivers m1 while 1 is full again.
+        Deliver {
+            msg: "m1",
+            seq: 1,
+            flags: msg_flags::REDELIVERED,
+        },
+        ExpectNoEvent,
+        Take(1),
+        // A duplicate for both: a placeholder each, no message, no loss.
+        Deliver {
+            msg: "m1",
+            seq: 1,
+            flags: msg_flags::REDELIVERED,
+        },
+        ExpectEvent(Ev::Placeholder { sub: 1 }),
+        ExpectEvent(Ev::Placeholder { sub: 2 }),
+        ExpectNoEvent,
+    ]);
+    play(
+        "a later copy held back",
+        || Sim::new(|c| c.sub_capacity = 1),
+        &steps,
+    );
+}
+
 /// An unopenable envelope between two taken ones: its ack leaves with its neighbours, in
 /// relay order, whether the driver acks placeholders at once or passes them through the
 /// subscription's channel.

@@ -1559,6 +1559,9 @@ impl Engine {
                 .is_some_and(|s| s.outstanding < s.capacity || acks.holds(id, m.seq) == 1)
         };
         let delivery = self.core.receive_opened(m, opened, now.unix_ms, &room);
+        // A copy that reached every subscription a message was held back for ends what it
+        // was held back from the others (`withheld`): told now, before what follows.
+        self.report_withheld();
         let (msg, targets, held, digest) = match delivery {
             Delivery::Deliver {
                 msg,

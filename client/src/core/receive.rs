@@ -951,6 +951,12 @@ impl Guard {
         self.seen.contains(digest(key))
     }
 
+    /// Whether the message of digest `d` is in the dedup window (delivered, or held for
+    /// subscriptions that must take it).
+    pub fn is_seen_digest(&self, d: Digest) -> bool {
+        self.seen.contains(d)
+    }
+
     /// Refusals so far (duplicates are counted by the caller).
     pub fn stats(&self) -> &RefusedStats {
         &self.stats

@@ -12,15 +12,19 @@
 //! message and its application never heard of it (only `CoreStats::held_back` /
 //! `held_for_order` counted the hold).
 //!
-//! An entry lives from the hold until every subscription it was denied to handled a later
-//! copy of its sequence (delivered, refused or a placeholder: no longer lost to it), or
-//! until the catch-up of every subscription that caused it ended — the relay's `Gap`
-//! naming that subscription comes after the catch-up's last message (§3.3.11), or the
-//! subscription went away — at which point the sequence is not coming again and each
-//! subscription still denied it has lost it ([`Withheld::take_lost`]: the engine reports
-//! them as `Event::Dropped`, the application's `Lagged`). A relay that resumes a
-//! subscription without a named `Gap` (nothing it skipped was unstored) sends every skipped
-//! message again, which settles its entries. Bounded: past [`MAX_WITHHELD`] sequences the
+//! An entry is made only for a message no subscription was handed yet (a later copy held
+//! back again denies nothing to those that had it). It lives until every subscription it
+//! was denied to was handed a later copy of its sequence (delivered, or told lost for want
+//! of room; such a copy passes the client-wide dedup for it: [`Withheld::is_denied`]), or
+//! until every subscription that caused it had its copy (a redelivery, for one the relay
+//! did not pause), ended its catch-up — the relay's `Gap` naming that subscription comes
+//! after the catch-up's last message (§3.3.11) — or went away: the sequence is then not
+//! coming again and each subscription still denied it that does not acknowledge has lost
+//! it ([`Withheld::take_lost`]: the engine reports them as `Event::Dropped`, the
+//! application's `Lagged`); one that acknowledges waits for its own redelivery. A relay
+//! that resumes a subscription without a named `Gap` (nothing it skipped was unstored)
+//! sends every skipped message again, which settles its entries. `tests/mixed_load.rs`
+//! found the redelivery, dedup and later-copy cases. Bounded: past [`MAX_WITHHELD`] sequences the
 //! oldest is forgotten unreported — while a subscription is paused with a long backlog its
 //! neighbours' copies are held back by the thousand and most come again with the catch-up,
 //! so reporting them lost would tell of losses that are not.
@@ -100,13 +104,41 @@ impl Withheld {
         }
     }
 
-    /// A later copy of `seq` was handled for `routed` (not held back): no longer lost to
-    /// them.
-    pub(crate) fn handled(&mut self, seq: u64, routed: &[LocalSubId]) {
+    /// A later copy of `seq` was not held back: `got` were handed it (or told it was lost
+    /// to them: no room), `eligible` are those it was a copy for (every subscription it
+    /// was routed to, but a redelivery only those that acknowledge and take one, as
+    /// `deliver` decides). Those in `got` have it now; the causes among `got` or `eligible`
+    /// await it no more. When no cause is left the sequence is not coming again: it is
+    /// lost to the subscriptions still denied it that do not acknowledge. One that does
+    /// stays tracked — the relay redelivers what it never acked, and that copy, a
+    /// duplicate in the client-wide window, must still reach it ([`Withheld::is_denied`]).
+    ///
+    /// That is how a cause the relay never paused ends: sent the message and, holding it
+    /// back, never acking it, it gets it again as a redelivery, which a subscription that
+    /// does not acknowledge never takes (found by `tests/mixed_load.rs`: such a neighbour
+    /// lost it silently).
+    pub(crate) fn handled(&mut self, seq: u64, got: &[LocalSubId], eligible: &[LocalSubId]) {
         let Some(e) = self.by_seq.get_mut(&seq) else {
             return;
         };
-        e.denied.retain(|(d, _)| !routed.contains(d));
+        e.denied.retain(|(d, _)| !got.contains(d));
+        e.causes
+            .retain(|c| !got.contains(c) && !eligible.contains(c));
+        self.settle(seq);
+    }
+
+    /// Entry `seq` after a change: without causes, lost to those denied it that do not
+    /// acknowledge; gone once nobody is denied it.
+    fn settle(&mut self, seq: u64) {
+        let Some(e) = self.by_seq.get_mut(&seq) else {
+            return;
+        };
+        if e.causes.is_empty() {
+            for (d, _) in e.denied.iter().filter(|(_, acking)| !acking) {
+                *self.lost.entry(*d).or_default() += 1;
+            }
+            e.denied.retain(|(_, acking)| *acking);
+        }
         if e.denied.is_empty() {
             self.by_seq.remove(&seq);
         }
@@ -121,15 +153,14 @@ impl Withheld {
             if key.is_some_and(|k| k != e.key) {
                 continue;
             }
+            let before = e.causes.len();
             e.causes.retain(|c| *c != cause);
-            if e.causes.is_empty() {
+            if e.causes.is_empty() && before > 0 {
                 done.push(*seq);
             }
         }
         for seq in done {
-            if let Some(e) = self.by_seq.remove(&seq) {
-                self.count_lost(&e.denied);
-            }
+            self.settle(seq);
         }
     }
 
@@ -155,6 +186,15 @@ impl Withheld {
         }
     }
 
+    /// Whether sequence `seq` was held back from `id` for another subscription and no copy
+    /// reached `id` since: a later copy is then new to `id`, even when the client-wide
+    /// dedup window has it as delivered (the cause took it meanwhile, say as a redelivery).
+    pub(crate) fn is_denied(&self, seq: u64, id: LocalSubId) -> bool {
+        self.by_seq
+            .get(&seq)
+            .is_some_and(|e| e.denied.iter().any(|(d, _)| *d == id))
+    }
+
     /// Whether losses are waiting for [`Withheld::take_lost`].
     pub(crate) fn has_lost(&self) -> bool {
         !self.lost.is_empty()
@@ -163,12 +203,6 @@ impl Withheld {
     /// Losses found since the last call: (subscription, how many).
     pub(crate) fn take_lost(&mut self) -> Vec<(LocalSubId, u64)> {
         std::mem::take(&mut self.lost).into_iter().collect()
-    }
-
-    fn count_lost(&mut self, denied: &[(LocalSubId, bool)]) {
-        for (d, _) in denied {
-            *self.lost.entry(*d).or_default() += 1;
-        }
     }
 }
 
@@ -183,7 +217,7 @@ mod tests {
         ids.iter().map(|i| (*i, false)).collect()
     }
 
-    /// Held back for 1, denied to 2: a later copy handled for 2 settles it; otherwise the
+    /// Held back for 1, denied to 2: a later copy handed to 2 settles it; otherwise the
     /// end of 1's catch-up makes it a loss of 2's.
     #[test]
     fn a_denied_subscription_loses_what_the_catch_up_did_not_bring() {
@@ -191,12 +225,47 @@ mod tests {
         w.hold(5, K, &[1], denied(&[2]));
         w.hold(6, K, &[1], denied(&[2]));
         w.hold(7, K, &[1], denied(&[2, 3]));
-        // The catch-up's copy of 5 reached 2; 7 reached 3 only.
-        w.handled(5, &[1, 2]);
-        w.handled(7, &[1, 3]);
+        // The catch-up's copy of 5 reached 2; a redelivered copy of 7 was for 1 and 3
+        // only (2 takes none): 7 comes to 2 no more.
+        w.handled(5, &[1, 2], &[1, 2]);
         assert!(w.take_lost().is_empty());
+        w.handled(7, &[1, 3], &[1, 3]);
+        assert_eq!(w.take_lost(), vec![(2, 1)], "7 never reached 2");
         w.cause_done(1, Some(K));
-        assert_eq!(w.take_lost(), vec![(2, 2)], "6 and 7 never reached 2");
+        assert_eq!(w.take_lost(), vec![(2, 1)], "nor did 6");
+        assert!(w.is_empty());
+    }
+
+    /// A cause the relay never paused gets the message again as a redelivery, which only
+    /// subscriptions that acknowledge take: once every cause had its copy, the sequence is
+    /// lost to the others denied it that do not acknowledge; one that does stays denied
+    /// (its own redelivery, a duplicate by then, must reach it) until a copy reaches it.
+    #[test]
+    fn a_redelivery_that_reaches_every_cause_ends_the_wait() {
+        let mut w = Withheld::default();
+        w.hold(5, K, &[1, 4], vec![(2, false), (3, true)]);
+        w.handled(5, &[1], &[1]);
+        assert!(w.take_lost().is_empty(), "4 may still bring it");
+        // 4 had it already (a duplicate for it: handed nothing, but a copy for it).
+        w.handled(5, &[], &[4]);
+        assert_eq!(w.take_lost(), vec![(2, 1)]);
+        assert!(w.is_denied(5, 3) && !w.is_denied(5, 2));
+        w.handled(5, &[3], &[1, 3, 4]);
+        assert!(w.is_empty(), "3 got its copy");
+        assert!(w.take_lost().is_empty());
+    }
+
+    /// A copy that is not handed to a denied subscription (refused, say) does not settle
+    /// it; only causes that had their copy stop waiting.
+    #[test]
+    fn only_a_copy_handed_over_settles_a_denied_subscription() {
+        let mut w = Withheld::default();
+        w.hold(5, K, &[1], denied(&[2]));
+        w.handled(5, &[], &[2]);
+        assert!(w.is_denied(5, 2), "routed a copy, handed nothing");
+        assert!(w.take_lost().is_empty(), "1 may still bring it");
+        w.handled(5, &[1], &[1, 2]);
+        assert_eq!(w.take_lost(), vec![(2, 1)]);
         assert!(w.is_empty());
     }
 
