@@ -1286,6 +1286,17 @@ impl ClientCore {
             sub.opts.replay
         };
         let retained = sub.opts.retained && !resuming;
+        if resuming && sub.got.is_none() {
+            // Its resume history holds only messages it did not handle (after its own
+            // position), but maybe ones another subscription of this client took since —
+            // resuming too, say, whose history came first: to the client-wide dedup window
+            // they are duplicates, yet this subscription never saw them. What it gets in its
+            // history is counted as an explicit replay's is (`got`), so each of them still
+            // reaches it, once (found by `tests/mixed_load.rs`: after a reconnect an
+            // at-least-once subscription lost every stored message a neighbour's history
+            // delivered first).
+            sub.got = Some(Default::default());
+        }
         // Per pattern: after its own key id's position (see `positions`).
         let replay_for = |sub: &LocalSub, key: &whispeer_protocol::KeyId| match replay {
             Some(frame::Replay::FromSeq(_)) if resuming => Some(frame::Replay::FromSeq(

@@ -2125,6 +2125,73 @@ fn a_later_copy_held_back_denies_nothing_to_those_that_had_the_message() {
     );
 }
 
+/// After a reconnect each subscription that received stored messages resumes with its own
+/// history (`FromSeq` after its position). A message in two such histories is new to each:
+/// the first copy delivered makes it a duplicate in the client-wide dedup window, yet the
+/// second still reaches its subscription (before: a placeholder, acked — a stored message
+/// lost to an at-least-once subscription; found by `tests/mixed_load.rs`).
+#[test]
+fn after_a_reconnect_a_message_in_two_resumed_histories_reaches_both() {
+    let mut steps = connected_with(live_sub(1, "h/#", qos1()));
+    steps.extend(live_sub(2, "h/#", qos1()));
+    for (name, topic) in [("m1", "h/a"), ("m2", "h/b")] {
+        steps.push(Seal { name, topic });
+    }
+    steps.extend([
+        Deliver {
+            msg: "m1",
+            seq: 1,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m1" }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m1" }),
+        Take(1),
+        Take(2),
+        Drop,
+        lost(Why::Transport, Some(1)),
+        Redial,
+        ExpectTx(Tx::Sub {
+            sub: 1,
+            replay: Some(Replay::FromSeq(2)),
+            retained: false,
+            durable: None,
+        }),
+        ExpectTx(Tx::Sub {
+            sub: 2,
+            replay: Some(Replay::FromSeq(2)),
+            retained: false,
+            durable: None,
+        }),
+        ExpectEvent(Ev::Connected),
+        SubOkHistory { id: 1, seq: 2 },
+        SubOkHistory { id: 2, seq: 2 },
+        DeliverHistory {
+            msg: "m2",
+            seq: 2,
+            flags: msg_flags::REPLAYED,
+            id: 1,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m2" }),
+        DeliverHistory {
+            msg: "m2",
+            seq: 2,
+            flags: msg_flags::REPLAYED,
+            id: 2,
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
+        // Once each: the relay's overlap is a placeholder.
+        DeliverHistory {
+            msg: "m2",
+            seq: 2,
+            flags: msg_flags::REPLAYED,
+            id: 2,
+        },
+        ExpectEvent(Ev::Placeholder { sub: 2 }),
+        ExpectNoEvent,
+    ]);
+    play("two resumed histories", || Sim::new(|_| {}), &steps);
+}
+
 /// An unopenable envelope between two taken ones: its ack leaves with its neighbours, in
 /// relay order, whether the driver acks placeholders at once or passes them through the
 /// subscription's channel.

@@ -13,8 +13,21 @@
 //!
 //! This is what the client's flow control (credit, holding back, the order rule, the
 //! withheld-loss reports) promises together (issue 9 "No oracle, no silent loss"; sessions
-//! 50–51 found silent losses in exactly these interleavings by reading the code). Each case
-//! prints its seed and draw on failure; `WHISPEER_MIXED_SEEDS=N` runs N more seeds.
+//! 50–51 found silent losses in exactly these interleavings by reading the code, this test
+//! four more in session 52, and a loss across reconnects). Each case prints its seed and
+//! draw on failure; `WHISPEER_MIXED_SEEDS=N` runs N more seeds, `WHISPEER_MIXED_SEED=S`
+//! only seed S. A quarter of the cases run on a relay that keeps QoS 0 too (every message
+//! stored).
+//!
+//! `WHISPEER_MIXED_CUTS=1` also cuts the subscriber's connection (through a proxy) after
+//! random publishes; across reconnects only what the store keeps is accounted for
+//! (live-only messages published while a subscription was away leave no trace anyone
+//! could report). Not on by default: it still finds a known loss (about one run in four of
+//! seed 1) — an at-least-once subscription whose own history copy was held back for want
+//! of room gets the relay's redelivery after a neighbour's history copy delivered the
+//! message, and the client-wide dedup window drops that redelivery for it (the
+//! per-subscription exceptions cover a denied neighbour, a resumed history and an explicit
+//! replay, not the cause's own redelivery).
 
 mod support;
 
@@ -24,6 +37,7 @@ use std::time::Duration;
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use support::proxy::KillerProxy;
 use support::*;
 use tokio::sync::watch;
 use whispeer::protocol::Qos;
@@ -65,6 +79,11 @@ impl std::fmt::Debug for MsgPlan {
 #[derive(Debug, Clone)]
 struct Case {
     capacity: usize,
+    /// The relay keeps QoS 0 publishes too (`store.store_qos0`): every message is stored.
+    store_qos0: bool,
+    /// The subscriber's connection is cut (through a proxy) after these many publishes;
+    /// it reconnects and resumes (at-least-once subscriptions from their last sequence).
+    cuts: Vec<u32>,
     subs: Vec<SubPlan>,
     msgs: Vec<MsgPlan>,
 }
@@ -76,6 +95,15 @@ fn pick<T: Copy>(rng: &mut ChaCha8Rng, of: &[T]) -> T {
 fn draw(seed: u64) -> Case {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let capacity = pick(&mut rng, &[1usize, 2, 3, 8]);
+    let store_qos0 = rng.next_u32() % 4 == 0;
+    let mut cuts: Vec<u32> = (0..rng.next_u32() % 3)
+        .map(|_| 1 + rng.next_u32() % (MESSAGES - 1))
+        .collect();
+    cuts.sort();
+    if std::env::var_os("WHISPEER_MIXED_CUTS").is_none() {
+        // Not by default: see the module docs (a known loss across reconnects).
+        cuts.clear();
+    }
     let n_subs = 2 + rng.next_u32() as usize % 3;
     let subs = (0..n_subs)
         .map(|_| {
@@ -103,9 +131,19 @@ fn draw(seed: u64) -> Case {
         .collect();
     Case {
         capacity,
+        store_qos0,
+        cuts,
         subs,
         msgs,
     }
+}
+
+/// Whether every message `plan` matches must be seen or told lost: always without
+/// reconnects; across them only when the store keeps everything an at-least-once
+/// subscription resumes from (live-only messages published while it was away leave no
+/// trace anyone could report).
+fn whole(case: &Case, plan: &SubPlan) -> bool {
+    case.cuts.is_empty() || (plan.acking && case.store_qos0)
 }
 
 fn matches(filter: &str, topic: &str) -> bool {
@@ -172,13 +210,20 @@ async fn read(
 }
 
 async fn run_case(case: Case) -> Result<(), String> {
+    let store_qos0 = case.store_qos0;
     let relay = TestRelay::start_with(|c| {
         c.delivery.ack_timeout_ms = 1_000;
+        c.store.store_qos0 = store_qos0;
     })
     .await;
+    let proxy = KillerProxy::start(relay.addrs.tcp.unwrap()).await;
     let t = tree("mixed");
     let sub_client = Client::builder()
-        .with(Tcp::new(relay.tcp_url()))
+        .with(Tcp::new(format!("tcp://{}", proxy.addr)))
+        .with(whispeer::Reconnect::new(
+            Duration::from_millis(5),
+            Duration::from_millis(50),
+        ))
         .with(Encryption::with_keyring(keyring_with(&t)))
         .with(identity())
         .subscription_capacity(case.capacity)
@@ -198,7 +243,7 @@ async fn run_case(case: Case) -> Result<(), String> {
             let must: BTreeSet<u32> = all
                 .iter()
                 .copied()
-                .filter(|i| s.acking && case.msgs[*i as usize].acking)
+                .filter(|i| s.acking && (case.store_qos0 || case.msgs[*i as usize].acking))
                 .collect();
             (all, must)
         })
@@ -219,9 +264,13 @@ async fn run_case(case: Case) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?;
         let (all, must) = (Arc::new(all.clone()), Arc::new(must.clone()));
+        // Across a reconnect a subscription misses the live-only messages published while
+        // it was away, and nothing can tell it (the relay kept no trace of them): only
+        // what the store keeps is accounted for then.
+        let whole = whole(&case, plan);
         let enough = move |s: &Seen| {
             let got: BTreeSet<u32> = s.values.iter().copied().collect();
-            must.is_subset(&got) && got.len() as u64 + s.told_lost >= all.len() as u64
+            must.is_subset(&got) && (!whole || got.len() as u64 + s.told_lost >= all.len() as u64)
         };
         let (report, done) = watch::channel(false);
         done_flags.push(done);
@@ -249,6 +298,9 @@ async fn run_case(case: Case) -> Result<(), String> {
             .await
             .map_err(|e| format!("publish {i}: {e}"))?;
         let _ = published_tx.send(i as u32 + 1);
+        if case.cuts.contains(&(i as u32 + 1)) {
+            proxy.cut_all();
+        }
     }
     p.flush().await.map_err(|e| e.to_string())?;
 
@@ -315,7 +367,7 @@ async fn run_case(case: Case) -> Result<(), String> {
                 "subscription {k} ({plan:?}) lost stored {missing:?}"
             ));
         }
-        if (got.len() as u64) + s.told_lost < all.len() as u64 {
+        if whole(&case, plan) && (got.len() as u64) + s.told_lost < all.len() as u64 {
             let why = s.ended.as_deref().unwrap_or("-");
             return Err(format!(
                 "subscription {k} ({plan:?}): {} of {} seen, {} told lost: {} lost silently (ended: {why})",
