@@ -2028,15 +2028,12 @@ fn an_unnumbered_message_without_room_is_dropped_once_and_reaches_the_neighbour(
     );
 }
 
-/// A message held back for want of an at-least-once subscription's room that the relay did
-/// not pause (it sent the copy, so nothing comes from its store) comes again only as a
-/// redelivery after the relay's ack timeout — a copy a QoS 0 neighbour never takes. Once
-/// that redelivery reached the subscription it was held back for, the neighbour is told of
-/// its loss at once (before: never — found by `tests/mixed_load.rs`).
-#[test]
-fn a_redelivery_that_ends_a_hold_tells_the_neighbour_it_lost_the_message() {
+/// Subscriptions 1 (at least once, the simulation's capacity) and 2 (`second`) on `h/#`,
+/// messages `m1` and `m2` sealed, and `m1` (sequence 1) delivered to both: the start of the
+/// held-back-message scenarios below.
+fn two_subs_with_m1(second: SubscribeOptions) -> Vec<Step> {
     let mut steps = connected_with(live_sub(1, "h/#", qos1()));
-    steps.extend(live_sub(2, "h/#", SubscribeOptions::new().capacity(16)));
+    steps.extend(live_sub(2, "h/#", second));
     for (name, topic) in [("m1", "h/a"), ("m2", "h/b")] {
         steps.push(Seal { name, topic });
     }
@@ -2048,6 +2045,19 @@ fn a_redelivery_that_ends_a_hold_tells_the_neighbour_it_lost_the_message() {
         },
         ExpectEvent(Ev::Message { sub: 1, msg: "m1" }),
         ExpectEvent(Ev::Message { sub: 2, msg: "m1" }),
+    ]);
+    steps
+}
+
+/// A message held back for want of an at-least-once subscription's room that the relay did
+/// not pause (it sent the copy, so nothing comes from its store) comes again only as a
+/// redelivery after the relay's ack timeout — a copy a QoS 0 neighbour never takes. Once
+/// that redelivery reached the subscription it was held back for, the neighbour is told of
+/// its loss at once (before: never — found by `tests/mixed_load.rs`).
+#[test]
+fn a_redelivery_that_ends_a_hold_tells_the_neighbour_it_lost_the_message() {
+    let mut steps = two_subs_with_m1(SubscribeOptions::new().capacity(16));
+    steps.extend([
         // No room for 1: held back from both.
         Deliver {
             msg: "m2",
@@ -2079,19 +2089,8 @@ fn a_redelivery_that_ends_a_hold_tells_the_neighbour_it_lost_the_message() {
 /// (found by `tests/mixed_load.rs`: an at-least-once neighbour saw such messages twice).
 #[test]
 fn a_later_copy_held_back_denies_nothing_to_those_that_had_the_message() {
-    let mut steps = connected_with(live_sub(1, "h/#", qos1()));
-    steps.extend(live_sub(2, "h/#", qos1().capacity(16)));
-    for (name, topic) in [("m1", "h/a"), ("m2", "h/b")] {
-        steps.push(Seal { name, topic });
-    }
+    let mut steps = two_subs_with_m1(qos1().capacity(16));
     steps.extend([
-        Deliver {
-            msg: "m1",
-            seq: 1,
-            flags: 0,
-        },
-        ExpectEvent(Ev::Message { sub: 1, msg: "m1" }),
-        ExpectEvent(Ev::Message { sub: 2, msg: "m1" }),
         Take(1),
         Deliver {
             msg: "m2",
@@ -2132,19 +2131,8 @@ fn a_later_copy_held_back_denies_nothing_to_those_that_had_the_message() {
 /// lost to an at-least-once subscription; found by `tests/mixed_load.rs`).
 #[test]
 fn after_a_reconnect_a_message_in_two_resumed_histories_reaches_both() {
-    let mut steps = connected_with(live_sub(1, "h/#", qos1()));
-    steps.extend(live_sub(2, "h/#", qos1()));
-    for (name, topic) in [("m1", "h/a"), ("m2", "h/b")] {
-        steps.push(Seal { name, topic });
-    }
+    let mut steps = two_subs_with_m1(qos1());
     steps.extend([
-        Deliver {
-            msg: "m1",
-            seq: 1,
-            flags: 0,
-        },
-        ExpectEvent(Ev::Message { sub: 1, msg: "m1" }),
-        ExpectEvent(Ev::Message { sub: 2, msg: "m1" }),
         Take(1),
         Take(2),
         Drop,
