@@ -1787,13 +1787,38 @@ impl ClientCore {
                 });
                 !self.guard.is_seen_digest(d)
             });
+            // The causes that never had it: all of them at its first sight; later, one
+            // whose own history copy this is and whose history did not bring it yet (a
+            // neighbour's history copy delivered it first) — its redelivery, a duplicate
+            // by then, is still its own (found by `tests/mixed_load.rs` with reconnects).
+            let owed: Vec<LocalSubId> = match &opened {
+                Ok(_) if first => causes.clone(),
+                Ok(u) => {
+                    let a = u.authentic();
+                    let key = (
+                        a.tree_id,
+                        a.sender.map(|s| s.to_bytes()).unwrap_or([0; 32]),
+                        a.msg_id.0,
+                    );
+                    causes
+                        .iter()
+                        .copied()
+                        .filter(|id| {
+                            let s = &self.subs[id];
+                            msg.sub_id.is_some_and(|rid| s.relay_ids.contains(&rid))
+                                && s.got.as_ref().is_some_and(|g| !g.contains(&key))
+                        })
+                        .collect()
+                }
+                Err(_) => Vec::new(),
+            };
             let subs = &self.subs;
             let denied = routed
                 .iter()
                 .filter(|id| first && !causes.contains(id))
                 .map(|id| (*id, subs[id].opts.acking()));
             self.withheld
-                .hold(msg.seq, msg.envelope.key_id(), &causes, denied);
+                .hold(msg.seq, msg.envelope.key_id(), &causes, &owed, denied);
             // Not taken by any of them: each awaits it again, before later ones.
             for id in &routed {
                 if let Some(s) = self.subs.get_mut(id).filter(|s| s.opts.acking()) {
@@ -2071,11 +2096,12 @@ impl ClientCore {
                     .copied()
                     .filter(|id| {
                         let s = &self.subs[id];
-                        // Held back from it for another subscription, which has taken it
+                        // Held back from it (for another subscription, or for itself
+                        // before it ever had it), and another subscription has taken it
                         // since: it never saw this message (`withheld`; found by
                         // `tests/mixed_load.rs`: a QoS 0 neighbour's catch-up copy of a
                         // stored message was a duplicate, lost silently).
-                        if self.withheld.is_denied(msg.seq, *id) {
+                        if self.withheld.is_owed(msg.seq, *id) {
                             return true;
                         }
                         match pair {

@@ -2180,6 +2180,87 @@ fn after_a_reconnect_a_message_in_two_resumed_histories_reaches_both() {
     play("two resumed histories", || Sim::new(|_| {}), &steps);
 }
 
+/// After a reconnect a subscription's own history copy of a message is held back for want
+/// of room after a neighbour's history copy delivered it: the relay's redelivery to it is a
+/// duplicate in the client-wide dedup window by then, yet it still reaches that
+/// subscription (before: a placeholder, acked — found by `tests/mixed_load.rs` with
+/// reconnects).
+#[test]
+fn a_held_back_history_copy_comes_as_a_redelivery_and_still_reaches_its_subscription() {
+    let mut steps = two_subs_with_m1(qos1().capacity(16));
+    steps.extend([
+        Seal {
+            name: "m3",
+            topic: "h/c",
+        },
+        Take(1),
+        Take(2),
+        Drop,
+        lost(Why::Transport, Some(1)),
+        Redial,
+        ExpectTx(Tx::Sub {
+            sub: 1,
+            replay: Some(Replay::FromSeq(2)),
+            retained: false,
+            durable: None,
+        }),
+        ExpectTx(Tx::Sub {
+            sub: 2,
+            replay: Some(Replay::FromSeq(2)),
+            retained: false,
+            durable: None,
+        }),
+        ExpectEvent(Ev::Connected),
+        SubOkHistory { id: 1, seq: 3 },
+        SubOkHistory { id: 2, seq: 3 },
+        // 1 takes its first history message and has no room left.
+        DeliverHistory {
+            msg: "m2",
+            seq: 2,
+            flags: msg_flags::REPLAYED,
+            id: 1,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m2" }),
+        DeliverHistory {
+            msg: "m2",
+            seq: 2,
+            flags: msg_flags::REPLAYED,
+            id: 2,
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
+        DeliverHistory {
+            msg: "m3",
+            seq: 3,
+            flags: msg_flags::REPLAYED,
+            id: 2,
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "m3" }),
+        // 1's own copy of m3: held back (no room), never acked.
+        DeliverHistory {
+            msg: "m3",
+            seq: 3,
+            flags: msg_flags::REPLAYED,
+            id: 1,
+        },
+        ExpectNoEvent,
+        Take(1),
+        Deliver {
+            msg: "m3",
+            seq: 3,
+            flags: msg_flags::REDELIVERED,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m3" }),
+        // 2 had it from its history: a placeholder.
+        ExpectEvent(Ev::Placeholder { sub: 2 }),
+        ExpectNoEvent,
+    ]);
+    play(
+        "a held-back history copy",
+        || Sim::new(|c| c.sub_capacity = 1),
+        &steps,
+    );
+}
+
 /// An unopenable envelope between two taken ones: its ack leaves with its neighbours, in
 /// relay order, whether the driver acks placeholders at once or passes them through the
 /// subscription's channel.

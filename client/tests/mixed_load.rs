@@ -22,12 +22,11 @@
 //! `WHISPEER_MIXED_CUTS=1` also cuts the subscriber's connection (through a proxy) after
 //! random publishes; across reconnects only what the store keeps is accounted for
 //! (live-only messages published while a subscription was away leave no trace anyone
-//! could report). Not on by default: it still finds a known loss (about one run in four of
-//! seed 1) — an at-least-once subscription whose own history copy was held back for want
-//! of room gets the relay's redelivery after a neighbour's history copy delivered the
-//! message, and the client-wide dedup window drops that redelivery for it (the
-//! per-subscription exceptions cover a denied neighbour, a resumed history and an explicit
-//! replay, not the cause's own redelivery).
+//! could report). Not on by default: it found two losses fixed in session 52 (a message
+//! in two resumed histories; a subscription's own history copy held back while a
+//! neighbour's delivered the message) and still finds at-least-once losses across
+//! reconnects in some seeds (seed 4, about one run in two: stored messages a QoS 1
+//! subscription never sees after a cut) — open, see the session's note.
 
 mod support;
 
@@ -328,8 +327,13 @@ async fn run_case(case: Case) -> Result<(), String> {
             ));
         }
     }
-    // Anything still on its way arrives before the flush's answer: then the apps stop.
-    sub_client.flush().await.map_err(|e| e.to_string())?;
+    // Anything still on its way arrives before the flush's answer: then the apps stop (a
+    // flush a cut interrupted is asked again on the next connection).
+    while let Err(e) = sub_client.flush().await {
+        if !matches!(e, whispeer::FlushError::Disconnected) {
+            return Err(e.to_string());
+        }
+    }
     sub_client.close().await;
     let mut seen = Vec::new();
     for r in readers {

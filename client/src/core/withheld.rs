@@ -15,7 +15,7 @@
 //! An entry is made only for a message no subscription was handed yet (a later copy held
 //! back again denies nothing to those that had it). It lives until every subscription it
 //! was denied to was handed a later copy of its sequence (delivered, or told lost for want
-//! of room; such a copy passes the client-wide dedup for it: [`Withheld::is_denied`]), or
+//! of room; such a copy passes the client-wide dedup for it: [`Withheld::is_owed`]), or
 //! until every subscription that caused it had its copy (a redelivery, for one the relay
 //! did not pause), ended its catch-up — the relay's `Gap` naming that subscription comes
 //! after the catch-up's last message (§3.3.11) — or went away: the sequence is then not
@@ -50,6 +50,10 @@ struct Entry {
     /// whether it acknowledges (reported lost on a reconnect only if not: the relay may
     /// still redeliver to one that acknowledges).
     denied: Vec<(LocalSubId, bool)>,
+    /// Causes that never had the message either (held back at its first sight, or their
+    /// own history copy held back after a neighbour's delivered it): their later copy
+    /// passes the client-wide dedup for them ([`Withheld::is_owed`]).
+    owed: Vec<LocalSubId>,
 }
 
 /// The table (see the module docs).
@@ -66,37 +70,52 @@ impl Withheld {
         self.by_seq.is_empty()
     }
 
-    /// Sequence `seq` (key id `key`) was held back for `causes`; `denied` (with whether
-    /// each acknowledges) were routed it too and got nothing.
+    /// Sequence `seq` (key id `key`) was held back for `causes`, of which `owed` never had
+    /// the message; `denied` (with whether each acknowledges) were routed it too and got
+    /// nothing.
     pub(crate) fn hold(
         &mut self,
         seq: u64,
         key: KeyId,
         causes: &[LocalSubId],
+        owed: &[LocalSubId],
         denied: impl IntoIterator<Item = (LocalSubId, bool)>,
     ) {
         let mut denied = denied.into_iter().peekable();
-        if seq == 0 || (denied.peek().is_none() && !self.by_seq.contains_key(&seq)) {
+        if seq == 0
+            || (denied.peek().is_none() && owed.is_empty() && !self.by_seq.contains_key(&seq))
+        {
             return;
         }
         let e = self.by_seq.entry(seq).or_insert_with(|| Entry {
             key,
             causes: Vec::new(),
             denied: Vec::new(),
+            owed: Vec::new(),
         });
         for c in causes {
             if !e.causes.contains(c) {
                 e.causes.push(*c);
             }
         }
-        // One held back for itself now awaits its own copy: not denied.
+        // One held back for itself now awaits its own copy: not denied, still owed it.
+        for (d, _) in &e.denied {
+            if causes.contains(d) && !e.owed.contains(d) {
+                e.owed.push(*d);
+            }
+        }
         e.denied.retain(|(d, _)| !causes.contains(d));
+        for o in owed {
+            if !e.owed.contains(o) {
+                e.owed.push(*o);
+            }
+        }
         for (d, acking) in denied {
             if !e.denied.iter().any(|(x, _)| *x == d) && !e.causes.contains(&d) {
                 e.denied.push((d, acking));
             }
         }
-        if e.denied.is_empty() {
+        if e.denied.is_empty() && e.owed.is_empty() {
             self.by_seq.remove(&seq);
         }
         while self.by_seq.len() > MAX_WITHHELD {
@@ -111,7 +130,7 @@ impl Withheld {
     /// await it no more. When no cause is left the sequence is not coming again: it is
     /// lost to the subscriptions still denied it that do not acknowledge. One that does
     /// stays tracked — the relay redelivers what it never acked, and that copy, a
-    /// duplicate in the client-wide window, must still reach it ([`Withheld::is_denied`]).
+    /// duplicate in the client-wide window, must still reach it ([`Withheld::is_owed`]).
     ///
     /// That is how a cause the relay never paused ends: sent the message and, holding it
     /// back, never acking it, it gets it again as a redelivery, which a subscription that
@@ -122,6 +141,7 @@ impl Withheld {
             return;
         };
         e.denied.retain(|(d, _)| !got.contains(d));
+        e.owed.retain(|o| !got.contains(o));
         e.causes
             .retain(|c| !got.contains(c) && !eligible.contains(c));
         self.settle(seq);
@@ -139,7 +159,7 @@ impl Withheld {
             }
             e.denied.retain(|(_, acking)| *acking);
         }
-        if e.denied.is_empty() {
+        if e.denied.is_empty() && e.owed.is_empty() {
             self.by_seq.remove(&seq);
         }
     }
@@ -155,6 +175,8 @@ impl Withheld {
             }
             let before = e.causes.len();
             e.causes.retain(|c| *c != cause);
+            // Its catch-up ended (or it went away): nothing more comes for it.
+            e.owed.retain(|o| *o != cause);
             if e.causes.is_empty() && before > 0 {
                 done.push(*seq);
             }
@@ -162,6 +184,8 @@ impl Withheld {
         for seq in done {
             self.settle(seq);
         }
+        self.by_seq
+            .retain(|_, e| !e.denied.is_empty() || !e.owed.is_empty());
     }
 
     /// Subscription `id` is gone: nothing more is lost to it, and what it alone caused is
@@ -170,8 +194,10 @@ impl Withheld {
         self.lost.remove(&id);
         for e in self.by_seq.values_mut() {
             e.denied.retain(|(d, _)| *d != id);
+            e.owed.retain(|o| *o != id);
         }
-        self.by_seq.retain(|_, e| !e.denied.is_empty());
+        self.by_seq
+            .retain(|_, e| !e.denied.is_empty() || !e.owed.is_empty());
         self.cause_done(id, None);
     }
 
@@ -186,13 +212,14 @@ impl Withheld {
         }
     }
 
-    /// Whether sequence `seq` was held back from `id` for another subscription and no copy
-    /// reached `id` since: a later copy is then new to `id`, even when the client-wide
-    /// dedup window has it as delivered (the cause took it meanwhile, say as a redelivery).
-    pub(crate) fn is_denied(&self, seq: u64, id: LocalSubId) -> bool {
+    /// Whether sequence `seq` was held back from `id` (for another subscription, or for
+    /// itself when it never had the message) and no copy reached `id` since: a later copy
+    /// is then new to `id`, even when the client-wide dedup window has it as delivered
+    /// (another subscription took it meanwhile, say as a redelivery or from its history).
+    pub(crate) fn is_owed(&self, seq: u64, id: LocalSubId) -> bool {
         self.by_seq
             .get(&seq)
-            .is_some_and(|e| e.denied.iter().any(|(d, _)| *d == id))
+            .is_some_and(|e| e.denied.iter().any(|(d, _)| *d == id) || e.owed.contains(&id))
     }
 
     /// Whether losses are waiting for [`Withheld::take_lost`].
@@ -222,9 +249,9 @@ mod tests {
     #[test]
     fn a_denied_subscription_loses_what_the_catch_up_did_not_bring() {
         let mut w = Withheld::default();
-        w.hold(5, K, &[1], denied(&[2]));
-        w.hold(6, K, &[1], denied(&[2]));
-        w.hold(7, K, &[1], denied(&[2, 3]));
+        w.hold(5, K, &[1], &[], denied(&[2]));
+        w.hold(6, K, &[1], &[], denied(&[2]));
+        w.hold(7, K, &[1], &[], denied(&[2, 3]));
         // The catch-up's copy of 5 reached 2; a redelivered copy of 7 was for 1 and 3
         // only (2 takes none): 7 comes to 2 no more.
         w.handled(5, &[1, 2], &[1, 2]);
@@ -243,13 +270,13 @@ mod tests {
     #[test]
     fn a_redelivery_that_reaches_every_cause_ends_the_wait() {
         let mut w = Withheld::default();
-        w.hold(5, K, &[1, 4], vec![(2, false), (3, true)]);
+        w.hold(5, K, &[1, 4], &[], vec![(2, false), (3, true)]);
         w.handled(5, &[1], &[1]);
         assert!(w.take_lost().is_empty(), "4 may still bring it");
         // 4 had it already (a duplicate for it: handed nothing, but a copy for it).
         w.handled(5, &[], &[4]);
         assert_eq!(w.take_lost(), vec![(2, 1)]);
-        assert!(w.is_denied(5, 3) && !w.is_denied(5, 2));
+        assert!(w.is_owed(5, 3) && !w.is_owed(5, 2));
         w.handled(5, &[3], &[1, 3, 4]);
         assert!(w.is_empty(), "3 got its copy");
         assert!(w.take_lost().is_empty());
@@ -260,9 +287,9 @@ mod tests {
     #[test]
     fn only_a_copy_handed_over_settles_a_denied_subscription() {
         let mut w = Withheld::default();
-        w.hold(5, K, &[1], denied(&[2]));
+        w.hold(5, K, &[1], &[], denied(&[2]));
         w.handled(5, &[], &[2]);
-        assert!(w.is_denied(5, 2), "routed a copy, handed nothing");
+        assert!(w.is_owed(5, 2), "routed a copy, handed nothing");
         assert!(w.take_lost().is_empty(), "1 may still bring it");
         w.handled(5, &[1], &[1, 2]);
         assert_eq!(w.take_lost(), vec![(2, 1)]);
@@ -274,8 +301,8 @@ mod tests {
     #[test]
     fn every_cause_must_end_and_only_for_its_key_id() {
         let mut w = Withheld::default();
-        w.hold(5, K, &[1], denied(&[3]));
-        w.hold(5, K, &[2], denied(&[3]));
+        w.hold(5, K, &[1], &[], denied(&[3]));
+        w.hold(5, K, &[2], &[], denied(&[3]));
         w.cause_done(1, Some(K2));
         w.cause_done(1, Some(K));
         assert!(w.take_lost().is_empty(), "2 may still bring it");
@@ -290,21 +317,21 @@ mod tests {
     #[test]
     fn causes_gone_subscriptions_reconnects_and_the_bound() {
         let mut w = Withheld::default();
-        w.hold(5, K, &[1], denied(&[2]));
-        w.hold(5, K, &[2], std::iter::empty());
+        w.hold(5, K, &[1], &[], denied(&[2]));
+        w.hold(5, K, &[2], &[], std::iter::empty());
         w.cause_done(1, Some(K));
         assert!(w.take_lost().is_empty(), "2 awaits its own copy now");
-        w.hold(6, K, &[1], denied(&[2, 3]));
+        w.hold(6, K, &[1], &[], denied(&[2, 3]));
         w.forget(2);
         w.forget(1);
         assert_eq!(w.take_lost(), vec![(3, 1)]);
-        w.hold(7, K, &[1], vec![(2, false), (3, true)]);
+        w.hold(7, K, &[1], &[], vec![(2, false), (3, true)]);
         w.connection_lost();
         assert_eq!(w.take_lost(), vec![(2, 1)]);
-        w.hold(0, K, &[1], denied(&[2]));
+        w.hold(0, K, &[1], &[], denied(&[2]));
         assert!(w.is_empty());
         for seq in 1..=MAX_WITHHELD as u64 + 2 {
-            w.hold(seq, K, &[1], denied(&[2]));
+            w.hold(seq, K, &[1], &[], denied(&[2]));
         }
         assert!(
             w.take_lost().is_empty(),
