@@ -227,6 +227,16 @@ struct LocalSub {
     /// make it grow with every live message; once full, no more exceptions (a replayed
     /// duplicate is refused: history possibly missed, never a message twice).
     got: Option<std::collections::HashSet<receive::DedupKey>>,
+    /// `got` was made for a resume (not an explicit replay): a history copy the dedup
+    /// window has passes for it only if it entered the window on this connection
+    /// (`ClientCore::resume_new`) — a relay replaying a message from before the reconnect
+    /// under a higher sequence gets no exception.
+    resumed: bool,
+    /// Messages held back from it on an earlier connection that it never had (their
+    /// digests, at most [`MAX_GOT`]): its resumed history brings them again, duplicates in
+    /// the window if another subscription took them, and still passes them to it, once.
+    /// Emptied when its history ends.
+    carried: std::collections::HashSet<receive::Digest>,
     /// Relay ids whose history (`ReplayDone`) has not ended yet; once none is left, `got`
     /// is dropped (live messages need no exception, and it would grow without bound).
     replaying: Vec<u64>,
@@ -884,6 +894,10 @@ pub struct ClientCore {
     /// Messages held back from subscriptions that had room for them, until a copy reaches
     /// them or it is known none will ([`withheld`]).
     withheld: withheld::Withheld,
+    /// Digests that entered the dedup window on this connection from a resumed
+    /// subscription's history (at most [`MAX_GOT`]): the only duplicates another resumed
+    /// subscription's history may still show it (`LocalSub::resumed`).
+    resume_new: std::collections::HashSet<receive::Digest>,
 }
 
 /// Whether `msg` is a redelivered copy of the live kind (`REDELIVERED` alone, no `sub_id`):
@@ -1091,6 +1105,7 @@ impl ClientCore {
             owed: Owed::default(),
             awaited: HashMap::new(),
             withheld: withheld::Withheld::default(),
+            resume_new: Default::default(),
         }
     }
 
@@ -1296,6 +1311,7 @@ impl ClientCore {
             // at-least-once subscription lost every stored message a neighbour's history
             // delivered first).
             sub.got = Some(Default::default());
+            sub.resumed = true;
         }
         // Per pattern: after its own key id's position (see `positions`).
         let replay_for = |sub: &LocalSub, key: &whispeer_protocol::KeyId| match replay {
@@ -1474,6 +1490,8 @@ impl ClientCore {
                 last_seq: 0,
                 positions: HashMap::new(),
                 got,
+                resumed: false,
+                carried: Default::default(),
                 replaying: Vec::new(),
                 patterns: Vec::new(),
                 latest: HashMap::new(),
@@ -1507,6 +1525,8 @@ impl ClientCore {
         sub.replaying.retain(|r| *r != relay_id);
         if sub.replaying.is_empty() {
             sub.got = None;
+            sub.resumed = false;
+            sub.carried.clear();
         }
         sub.reached(relay_id, seq);
         replay || !held
@@ -1609,7 +1629,14 @@ impl ClientCore {
     /// The connection ended: what was held back on it does not come again on it (see
     /// [`ClientCore::take_withheld_lost`]).
     pub fn connection_lost(&mut self) {
-        self.withheld.connection_lost();
+        for (id, d) in self.withheld.connection_lost() {
+            if let Some(s) = self.subs.get_mut(&id) {
+                if s.carried.len() < MAX_GOT {
+                    s.carried.insert(d);
+                }
+            }
+        }
+        self.resume_new.clear();
     }
 
     /// Drops a subscription; returns the `Unsub` frames.
@@ -1780,13 +1807,15 @@ impl ClientCore {
             // those routed it then got it or were told of its loss, and a later copy held
             // back again (a redelivery, say) takes nothing from them — tracked as denied,
             // they would be shown it twice (found by `tests/mixed_load.rs`).
-            let first = opened.as_ref().is_ok_and(|u| {
+            let digest = opened.as_ref().ok().map(|u| {
                 let a = u.authentic();
-                let (d, _) = u.keys.unwrap_or_else(|| {
-                    receive::keys_of(&a.tree_id, a.sender.as_ref(), &a.msg_id.0, &a.topic)
-                });
-                !self.guard.is_seen_digest(d)
+                u.keys
+                    .unwrap_or_else(|| {
+                        receive::keys_of(&a.tree_id, a.sender.as_ref(), &a.msg_id.0, &a.topic)
+                    })
+                    .0
             });
+            let first = digest.is_some_and(|d| !self.guard.is_seen_digest(d));
             // The causes that never had it: all of them at its first sight; later, one
             // whose own history copy this is and whose history did not bring it yet (a
             // neighbour's history copy delivered it first) — its redelivery, a duplicate
@@ -1807,6 +1836,12 @@ impl ClientCore {
                             let s = &self.subs[id];
                             msg.sub_id.is_some_and(|rid| s.relay_ids.contains(&rid))
                                 && s.got.as_ref().is_some_and(|g| !g.contains(&key))
+                                // As for its history copies that are duplicates: a
+                                // resumed one is owed only what is new on this connection.
+                                && (!s.resumed
+                                    || digest.is_some_and(|d| {
+                                        self.resume_new.contains(&d) || s.carried.contains(&d)
+                                    }))
                         })
                         .collect()
                 }
@@ -1817,8 +1852,14 @@ impl ClientCore {
                 .iter()
                 .filter(|id| first && !causes.contains(id))
                 .map(|id| (*id, subs[id].opts.acking()));
-            self.withheld
-                .hold(msg.seq, msg.envelope.key_id(), &causes, &owed, denied);
+            self.withheld.hold(
+                msg.seq,
+                msg.envelope.key_id(),
+                digest,
+                &causes,
+                &owed,
+                denied,
+            );
             // Not taken by any of them: each awaits it again, before later ones.
             for id in &routed {
                 if let Some(s) = self.subs.get_mut(id).filter(|s| s.opts.acking()) {
@@ -2060,6 +2101,18 @@ impl ClientCore {
         let mut dup_digest = None;
         let (accepted, mut eligible) = match self.guard.check(&cand, now_ms) {
             Ok(a) => {
+                // New to this client from a resumed subscription's history: another
+                // resumed subscription's history copy of it is still its own.
+                if replayed && self.resume_new.len() < MAX_GOT {
+                    let resumed = msg
+                        .sub_id
+                        .and_then(|rid| self.relay_to_local.get(&rid))
+                        .and_then(|id| self.subs.get(id))
+                        .is_some_and(|s| s.resumed);
+                    if resumed {
+                        self.resume_new.insert(keys.0);
+                    }
+                }
                 // New to this client, and not theirs yet: the relay's copy follows their
                 // history (`LocalSub::held`), and only that message's copy is let past
                 // the dedup window (`LocalSub::skipped`).
@@ -2101,7 +2154,7 @@ impl ClientCore {
                         // since: it never saw this message (`withheld`; found by
                         // `tests/mixed_load.rs`: a QoS 0 neighbour's catch-up copy of a
                         // stored message was a duplicate, lost silently).
-                        if self.withheld.is_owed(msg.seq, *id) {
+                        if self.withheld.is_owed(msg.seq, *id, dig) {
                             return true;
                         }
                         match pair {
@@ -2114,7 +2167,10 @@ impl ClientCore {
                                 (replayed
                                     && s.got
                                         .as_ref()
-                                        .is_some_and(|g| g.len() < MAX_GOT && !g.contains(&key)))
+                                        .is_some_and(|g| g.len() < MAX_GOT && !g.contains(&key))
+                                    && (!s.resumed
+                                        || self.resume_new.contains(&dig)
+                                        || s.carried.contains(&dig)))
                                     || (msg.seq > 0 && s.skipped.get(&msg.seq) == Some(&Some(dig)))
                                     || (replayed
                                         && s.opts

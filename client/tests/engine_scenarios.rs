@@ -2180,6 +2180,57 @@ fn after_a_reconnect_a_message_in_two_resumed_histories_reaches_both() {
     play("two resumed histories", || Sim::new(|_| {}), &steps);
 }
 
+/// The exception above is for messages new on this connection: a relay that puts a message
+/// a subscription saw before the reconnect into its resume history, under a sequence above
+/// its position, does not get it shown again (the dedup window drops it, as it did before
+/// resumed histories had the exception).
+#[test]
+fn a_relay_cannot_show_a_resumed_subscription_a_message_it_saw_before_the_reconnect() {
+    let mut steps = two_subs_with_m1(qos1());
+    steps.extend([
+        Take(1),
+        Take(2),
+        Drop,
+        lost(Why::Transport, Some(1)),
+        Redial,
+        ExpectTx(Tx::Sub {
+            sub: 1,
+            replay: Some(Replay::FromSeq(2)),
+            retained: false,
+            durable: None,
+        }),
+        ExpectTx(Tx::Sub {
+            sub: 2,
+            replay: Some(Replay::FromSeq(2)),
+            retained: false,
+            durable: None,
+        }),
+        ExpectEvent(Ev::Connected),
+        SubOkHistory { id: 1, seq: 5 },
+        SubOkHistory { id: 2, seq: 5 },
+        DeliverHistory {
+            msg: "m1",
+            seq: 5,
+            flags: msg_flags::REPLAYED,
+            id: 2,
+        },
+        ExpectEvent(Ev::Placeholder { sub: 2 }),
+        DeliverHistory {
+            msg: "m1",
+            seq: 5,
+            flags: msg_flags::REPLAYED,
+            id: 1,
+        },
+        ExpectEvent(Ev::Placeholder { sub: 1 }),
+        ExpectNoEvent,
+    ]);
+    play(
+        "an old message in a resume history",
+        || Sim::new(|_| {}),
+        &steps,
+    );
+}
+
 /// After a reconnect a subscription's own history copy of a message is held back for want
 /// of room after a neighbour's history copy delivered it: the relay's redelivery to it is a
 /// duplicate in the client-wide dedup window by then, yet it still reaches that

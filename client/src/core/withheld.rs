@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 
 use whispeer_protocol::KeyId;
 
+use super::receive::Digest;
 use super::LocalSubId;
 
 /// Most held-back sequences tracked (~100 bytes each); past it the oldest is forgotten
@@ -50,6 +51,10 @@ struct Entry {
     /// whether it acknowledges (reported lost on a reconnect only if not: the relay may
     /// still redeliver to one that acknowledges).
     denied: Vec<(LocalSubId, bool)>,
+    /// The message's dedup digest (`None`: it did not open): a later copy is owed only if
+    /// it is the same message — a relay reusing the sequence for another envelope gets no
+    /// exception from the dedup window.
+    digest: Option<Digest>,
     /// Causes that never had the message either (held back at its first sight, or their
     /// own history copy held back after a neighbour's delivered it): their later copy
     /// passes the client-wide dedup for them ([`Withheld::is_owed`]).
@@ -77,6 +82,7 @@ impl Withheld {
         &mut self,
         seq: u64,
         key: KeyId,
+        digest: Option<Digest>,
         causes: &[LocalSubId],
         owed: &[LocalSubId],
         denied: impl IntoIterator<Item = (LocalSubId, bool)>,
@@ -89,6 +95,7 @@ impl Withheld {
         }
         let e = self.by_seq.entry(seq).or_insert_with(|| Entry {
             key,
+            digest,
             causes: Vec::new(),
             denied: Vec::new(),
             owed: Vec::new(),
@@ -204,22 +211,36 @@ impl Withheld {
     /// The connection ended: nothing held back on it comes again on it. Lost to the
     /// subscriptions that do not acknowledge; one that does may still be sent it again (a
     /// durable's resume), so it is not told.
-    pub(crate) fn connection_lost(&mut self) {
+    ///
+    /// Returns the messages still owed to subscriptions that acknowledge (their digests):
+    /// a resumed history brings them again, as duplicates in the client-wide window by
+    /// then if another subscription took them, yet still theirs.
+    pub(crate) fn connection_lost(&mut self) -> Vec<(LocalSubId, Digest)> {
+        let mut owed = Vec::new();
         for (_, e) in std::mem::take(&mut self.by_seq) {
-            for (d, _) in e.denied.iter().filter(|(_, acking)| !acking) {
-                *self.lost.entry(*d).or_default() += 1;
+            for (d, acking) in &e.denied {
+                if *acking {
+                    owed.extend(e.digest.map(|g| (*d, g)));
+                } else {
+                    *self.lost.entry(*d).or_default() += 1;
+                }
+            }
+            for o in &e.owed {
+                owed.extend(e.digest.map(|g| (*o, g)));
             }
         }
+        owed
     }
 
     /// Whether sequence `seq` was held back from `id` (for another subscription, or for
     /// itself when it never had the message) and no copy reached `id` since: a later copy
     /// is then new to `id`, even when the client-wide dedup window has it as delivered
     /// (another subscription took it meanwhile, say as a redelivery or from its history).
-    pub(crate) fn is_owed(&self, seq: u64, id: LocalSubId) -> bool {
-        self.by_seq
-            .get(&seq)
-            .is_some_and(|e| e.denied.iter().any(|(d, _)| *d == id) || e.owed.contains(&id))
+    /// Only for the message of digest `d` that was held back under that sequence.
+    pub(crate) fn is_owed(&self, seq: u64, id: LocalSubId, d: Digest) -> bool {
+        self.by_seq.get(&seq).is_some_and(|e| {
+            e.digest == Some(d) && (e.denied.iter().any(|(x, _)| *x == id) || e.owed.contains(&id))
+        })
     }
 
     /// Whether losses are waiting for [`Withheld::take_lost`].
@@ -239,6 +260,7 @@ mod tests {
 
     const K: KeyId = KeyId::from_bytes([1; 16]);
     const K2: KeyId = KeyId::from_bytes([2; 16]);
+    const D: Digest = 7;
 
     fn denied(ids: &[LocalSubId]) -> Vec<(LocalSubId, bool)> {
         ids.iter().map(|i| (*i, false)).collect()
@@ -249,9 +271,9 @@ mod tests {
     #[test]
     fn a_denied_subscription_loses_what_the_catch_up_did_not_bring() {
         let mut w = Withheld::default();
-        w.hold(5, K, &[1], &[], denied(&[2]));
-        w.hold(6, K, &[1], &[], denied(&[2]));
-        w.hold(7, K, &[1], &[], denied(&[2, 3]));
+        w.hold(5, K, Some(D), &[1], &[], denied(&[2]));
+        w.hold(6, K, Some(D), &[1], &[], denied(&[2]));
+        w.hold(7, K, Some(D), &[1], &[], denied(&[2, 3]));
         // The catch-up's copy of 5 reached 2; a redelivered copy of 7 was for 1 and 3
         // only (2 takes none): 7 comes to 2 no more.
         w.handled(5, &[1, 2], &[1, 2]);
@@ -270,16 +292,27 @@ mod tests {
     #[test]
     fn a_redelivery_that_reaches_every_cause_ends_the_wait() {
         let mut w = Withheld::default();
-        w.hold(5, K, &[1, 4], &[], vec![(2, false), (3, true)]);
+        w.hold(5, K, Some(D), &[1, 4], &[], vec![(2, false), (3, true)]);
         w.handled(5, &[1], &[1]);
         assert!(w.take_lost().is_empty(), "4 may still bring it");
         // 4 had it already (a duplicate for it: handed nothing, but a copy for it).
         w.handled(5, &[], &[4]);
         assert_eq!(w.take_lost(), vec![(2, 1)]);
-        assert!(w.is_owed(5, 3) && !w.is_owed(5, 2));
+        assert!(w.is_owed(5, 3, D) && !w.is_owed(5, 2, D));
         w.handled(5, &[3], &[1, 3, 4]);
         assert!(w.is_empty(), "3 got its copy");
         assert!(w.take_lost().is_empty());
+    }
+
+    /// Owed is per message: a relay that sends another envelope under the held-back
+    /// sequence gets no exception from the dedup window for it.
+    #[test]
+    fn owed_only_for_the_message_held_back() {
+        let mut w = Withheld::default();
+        w.hold(5, K, Some(D), &[1], &[1], denied(&[2]));
+        assert!(w.is_owed(5, 1, D) && w.is_owed(5, 2, D));
+        assert!(!w.is_owed(5, 1, D + 1) && !w.is_owed(5, 2, D + 1));
+        assert!(!w.is_owed(6, 2, D));
     }
 
     /// A copy that is not handed to a denied subscription (refused, say) does not settle
@@ -287,9 +320,9 @@ mod tests {
     #[test]
     fn only_a_copy_handed_over_settles_a_denied_subscription() {
         let mut w = Withheld::default();
-        w.hold(5, K, &[1], &[], denied(&[2]));
+        w.hold(5, K, Some(D), &[1], &[], denied(&[2]));
         w.handled(5, &[], &[2]);
-        assert!(w.is_owed(5, 2), "routed a copy, handed nothing");
+        assert!(w.is_owed(5, 2, D), "routed a copy, handed nothing");
         assert!(w.take_lost().is_empty(), "1 may still bring it");
         w.handled(5, &[1], &[1, 2]);
         assert_eq!(w.take_lost(), vec![(2, 1)]);
@@ -301,8 +334,8 @@ mod tests {
     #[test]
     fn every_cause_must_end_and_only_for_its_key_id() {
         let mut w = Withheld::default();
-        w.hold(5, K, &[1], &[], denied(&[3]));
-        w.hold(5, K, &[2], &[], denied(&[3]));
+        w.hold(5, K, Some(D), &[1], &[], denied(&[3]));
+        w.hold(5, K, Some(D), &[2], &[], denied(&[3]));
         w.cause_done(1, Some(K2));
         w.cause_done(1, Some(K));
         assert!(w.take_lost().is_empty(), "2 may still bring it");
@@ -317,21 +350,22 @@ mod tests {
     #[test]
     fn causes_gone_subscriptions_reconnects_and_the_bound() {
         let mut w = Withheld::default();
-        w.hold(5, K, &[1], &[], denied(&[2]));
-        w.hold(5, K, &[2], &[], std::iter::empty());
+        w.hold(5, K, Some(D), &[1], &[], denied(&[2]));
+        w.hold(5, K, Some(D), &[2], &[], std::iter::empty());
         w.cause_done(1, Some(K));
         assert!(w.take_lost().is_empty(), "2 awaits its own copy now");
-        w.hold(6, K, &[1], &[], denied(&[2, 3]));
+        w.hold(6, K, Some(D), &[1], &[], denied(&[2, 3]));
         w.forget(2);
         w.forget(1);
         assert_eq!(w.take_lost(), vec![(3, 1)]);
-        w.hold(7, K, &[1], &[], vec![(2, false), (3, true)]);
-        w.connection_lost();
+        w.hold(7, K, Some(D), &[1], &[], vec![(2, false), (3, true)]);
+        // 3 acknowledges: still owed it, carried to its resumed history.
+        assert_eq!(w.connection_lost(), vec![(3, D)]);
         assert_eq!(w.take_lost(), vec![(2, 1)]);
-        w.hold(0, K, &[1], &[], denied(&[2]));
+        w.hold(0, K, Some(D), &[1], &[], denied(&[2]));
         assert!(w.is_empty());
         for seq in 1..=MAX_WITHHELD as u64 + 2 {
-            w.hold(seq, K, &[1], &[], denied(&[2]));
+            w.hold(seq, K, Some(D), &[1], &[], denied(&[2]));
         }
         assert!(
             w.take_lost().is_empty(),
