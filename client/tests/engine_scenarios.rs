@@ -1690,12 +1690,7 @@ fn a_message_first_seen_in_another_subscriptions_history_is_still_the_held_ones(
             name: "m",
             topic: "a/x",
         },
-        DeliverHistory {
-            msg: "m",
-            seq: 5,
-            flags: msg_flags::REPLAYED,
-            id: 3,
-        },
+        history("m", 5, 3),
         ReplayDone { id: 3, seq: 5 },
         ExpectEvent(Ev::Message { sub: 3, msg: "m" }),
         ExpectEvent(Ev::ReplayDone { sub: 3, seq: 5 }),
@@ -2049,6 +2044,48 @@ fn two_subs_with_m1(second: SubscribeOptions) -> Vec<Step> {
     steps
 }
 
+/// The relay delivers `msg` as history (`REPLAYED`) of (the newest relay subscription of)
+/// `id`.
+fn history(msg: &'static str, seq: u64, id: u64) -> Step {
+    DeliverHistory {
+        msg,
+        seq,
+        flags: msg_flags::REPLAYED,
+        id,
+    }
+}
+
+/// After [`two_subs_with_m1`]: both take `m1`, the connection drops, and both resume from
+/// sequence 2 with history to come (`SubOk` boundary `boundary`).
+fn taken_and_resumed(boundary: u64) -> Vec<Step> {
+    let resume = |sub| {
+        ExpectTx(Tx::Sub {
+            sub,
+            replay: Some(Replay::FromSeq(2)),
+            retained: false,
+            durable: None,
+        })
+    };
+    vec![
+        Take(1),
+        Take(2),
+        Drop,
+        lost(Why::Transport, Some(1)),
+        Redial,
+        resume(1),
+        resume(2),
+        ExpectEvent(Ev::Connected),
+        SubOkHistory {
+            id: 1,
+            seq: boundary,
+        },
+        SubOkHistory {
+            id: 2,
+            seq: boundary,
+        },
+    ]
+}
+
 /// A message held back for want of an at-least-once subscription's room that the relay did
 /// not pause (it sent the copy, so nothing comes from its store) comes again only as a
 /// redelivery after the relay's ack timeout — a copy a QoS 0 neighbour never takes. Once
@@ -2132,48 +2169,14 @@ fn a_later_copy_held_back_denies_nothing_to_those_that_had_the_message() {
 #[test]
 fn after_a_reconnect_a_message_in_two_resumed_histories_reaches_both() {
     let mut steps = two_subs_with_m1(qos1());
+    steps.extend(taken_and_resumed(2));
     steps.extend([
-        Take(1),
-        Take(2),
-        Drop,
-        lost(Why::Transport, Some(1)),
-        Redial,
-        ExpectTx(Tx::Sub {
-            sub: 1,
-            replay: Some(Replay::FromSeq(2)),
-            retained: false,
-            durable: None,
-        }),
-        ExpectTx(Tx::Sub {
-            sub: 2,
-            replay: Some(Replay::FromSeq(2)),
-            retained: false,
-            durable: None,
-        }),
-        ExpectEvent(Ev::Connected),
-        SubOkHistory { id: 1, seq: 2 },
-        SubOkHistory { id: 2, seq: 2 },
-        DeliverHistory {
-            msg: "m2",
-            seq: 2,
-            flags: msg_flags::REPLAYED,
-            id: 1,
-        },
+        history("m2", 2, 1),
         ExpectEvent(Ev::Message { sub: 1, msg: "m2" }),
-        DeliverHistory {
-            msg: "m2",
-            seq: 2,
-            flags: msg_flags::REPLAYED,
-            id: 2,
-        },
+        history("m2", 2, 2),
         ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
         // Once each: the relay's overlap is a placeholder.
-        DeliverHistory {
-            msg: "m2",
-            seq: 2,
-            flags: msg_flags::REPLAYED,
-            id: 2,
-        },
+        history("m2", 2, 2),
         ExpectEvent(Ev::Placeholder { sub: 2 }),
         ExpectNoEvent,
     ]);
@@ -2187,40 +2190,11 @@ fn after_a_reconnect_a_message_in_two_resumed_histories_reaches_both() {
 #[test]
 fn a_relay_cannot_show_a_resumed_subscription_a_message_it_saw_before_the_reconnect() {
     let mut steps = two_subs_with_m1(qos1());
+    steps.extend(taken_and_resumed(5));
     steps.extend([
-        Take(1),
-        Take(2),
-        Drop,
-        lost(Why::Transport, Some(1)),
-        Redial,
-        ExpectTx(Tx::Sub {
-            sub: 1,
-            replay: Some(Replay::FromSeq(2)),
-            retained: false,
-            durable: None,
-        }),
-        ExpectTx(Tx::Sub {
-            sub: 2,
-            replay: Some(Replay::FromSeq(2)),
-            retained: false,
-            durable: None,
-        }),
-        ExpectEvent(Ev::Connected),
-        SubOkHistory { id: 1, seq: 5 },
-        SubOkHistory { id: 2, seq: 5 },
-        DeliverHistory {
-            msg: "m1",
-            seq: 5,
-            flags: msg_flags::REPLAYED,
-            id: 2,
-        },
+        history("m1", 5, 2),
         ExpectEvent(Ev::Placeholder { sub: 2 }),
-        DeliverHistory {
-            msg: "m1",
-            seq: 5,
-            flags: msg_flags::REPLAYED,
-            id: 1,
-        },
+        history("m1", 5, 1),
         ExpectEvent(Ev::Placeholder { sub: 1 }),
         ExpectNoEvent,
     ]);
@@ -2239,60 +2213,21 @@ fn a_relay_cannot_show_a_resumed_subscription_a_message_it_saw_before_the_reconn
 #[test]
 fn a_held_back_history_copy_comes_as_a_redelivery_and_still_reaches_its_subscription() {
     let mut steps = two_subs_with_m1(qos1().capacity(16));
+    steps.push(Seal {
+        name: "m3",
+        topic: "h/c",
+    });
+    steps.extend(taken_and_resumed(3));
     steps.extend([
-        Seal {
-            name: "m3",
-            topic: "h/c",
-        },
-        Take(1),
-        Take(2),
-        Drop,
-        lost(Why::Transport, Some(1)),
-        Redial,
-        ExpectTx(Tx::Sub {
-            sub: 1,
-            replay: Some(Replay::FromSeq(2)),
-            retained: false,
-            durable: None,
-        }),
-        ExpectTx(Tx::Sub {
-            sub: 2,
-            replay: Some(Replay::FromSeq(2)),
-            retained: false,
-            durable: None,
-        }),
-        ExpectEvent(Ev::Connected),
-        SubOkHistory { id: 1, seq: 3 },
-        SubOkHistory { id: 2, seq: 3 },
         // 1 takes its first history message and has no room left.
-        DeliverHistory {
-            msg: "m2",
-            seq: 2,
-            flags: msg_flags::REPLAYED,
-            id: 1,
-        },
+        history("m2", 2, 1),
         ExpectEvent(Ev::Message { sub: 1, msg: "m2" }),
-        DeliverHistory {
-            msg: "m2",
-            seq: 2,
-            flags: msg_flags::REPLAYED,
-            id: 2,
-        },
+        history("m2", 2, 2),
         ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
-        DeliverHistory {
-            msg: "m3",
-            seq: 3,
-            flags: msg_flags::REPLAYED,
-            id: 2,
-        },
+        history("m3", 3, 2),
         ExpectEvent(Ev::Message { sub: 2, msg: "m3" }),
         // 1's own copy of m3: held back (no room), never acked.
-        DeliverHistory {
-            msg: "m3",
-            seq: 3,
-            flags: msg_flags::REPLAYED,
-            id: 1,
-        },
+        history("m3", 3, 1),
         ExpectNoEvent,
         Take(1),
         Deliver {
@@ -3511,12 +3446,7 @@ fn a_live_message_held_back_for_a_durable_in_history_is_not_acked_for_it() {
             topic: "b/x",
         },
         // The durable's history...
-        DeliverHistory {
-            msg: "h",
-            seq: 3,
-            flags: msg_flags::REPLAYED,
-            id: 2,
-        },
+        history("h", 3, 2),
         // ... and, meanwhile, a live message the relay sends for sub 1 and holds back for
         // the durable.
         Deliver {
@@ -3583,12 +3513,7 @@ fn a_live_message_held_back_for_a_durable_in_history_is_acked_for_its_neighbour_
             name: "m",
             topic: "b/x",
         },
-        DeliverHistory {
-            msg: "h",
-            seq: 3,
-            flags: msg_flags::REPLAYED,
-            id: 2,
-        },
+        history("h", 3, 2),
         Deliver {
             msg: "m",
             seq: 5,
@@ -3657,12 +3582,7 @@ fn a_neighbours_ack_of_a_message_held_back_for_a_durable_waits_for_the_durables_
             name: "m",
             topic: "b/x",
         },
-        DeliverHistory {
-            msg: "h",
-            seq: 3,
-            flags: msg_flags::REPLAYED,
-            id: 2,
-        },
+        history("h", 3, 2),
         Deliver {
             msg: "m",
             seq: 5,
@@ -3737,12 +3657,7 @@ fn a_neighbours_held_ack_leaves_when_the_durable_goes_away() {
             name: "m",
             topic: "b/x",
         },
-        DeliverHistory {
-            msg: "h",
-            seq: 3,
-            flags: msg_flags::REPLAYED,
-            id: 2,
-        },
+        history("h", 3, 2),
         Deliver {
             msg: "m",
             seq: 5,
@@ -3848,12 +3763,7 @@ fn a_neighbours_held_ack_is_not_sent_on_the_next_connection() {
             name: "m",
             topic: "b/x",
         },
-        DeliverHistory {
-            msg: "h",
-            seq: 3,
-            flags: msg_flags::REPLAYED,
-            id: 2,
-        },
+        history("h", 3, 2),
         Deliver {
             msg: "m",
             seq: 5,
@@ -3888,12 +3798,7 @@ fn a_neighbours_held_ack_is_not_sent_on_the_next_connection() {
         ExpectNoTx,
         SubOk { id: 1, seq: 5 },
         SubOkHistory { id: 2, seq: 5 },
-        DeliverHistory {
-            msg: "m",
-            seq: 5,
-            flags: msg_flags::REPLAYED,
-            id: 2,
-        },
+        history("m", 5, 2),
         ReplayDone { id: 2, seq: 5 },
         // The durable's own history: no slot (nor placeholder) for the live neighbour.
         ExpectEvent(Ev::Message { sub: 2, msg: "m" }),
