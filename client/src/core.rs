@@ -1824,11 +1824,7 @@ impl ClientCore {
                 Ok(_) if first => causes.clone(),
                 Ok(u) => {
                     let a = u.authentic();
-                    let key = (
-                        a.tree_id,
-                        a.sender.map(|s| s.to_bytes()).unwrap_or([0; 32]),
-                        a.msg_id.0,
-                    );
+                    let key = receive::key_of(a.tree_id, a.sender.as_ref(), a.msg_id.0);
                     causes
                         .iter()
                         .copied()

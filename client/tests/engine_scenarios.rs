@@ -2205,6 +2205,77 @@ fn a_relay_cannot_show_a_resumed_subscription_a_message_it_saw_before_the_reconn
     );
 }
 
+/// A message held back from a subscription that never had it, which another subscription
+/// took (from its history) before the connection dropped: the first subscription's resume
+/// history brings it again, a duplicate of the window from the old connection, and it still
+/// reaches that subscription — carried across the reconnect as owed to it (before: a
+/// placeholder, acked — the at-least-once loss of `tests/mixed_load.rs` with reconnects).
+#[test]
+fn a_message_owed_before_a_reconnect_reaches_its_subscription_from_its_resume_history() {
+    let replaying = qos1().capacity(16).replay(Replay::FromSeq(1));
+    let mut steps = connected_with(live_sub(1, "h/#", qos1()));
+    steps.extend([
+        sub(2, "h/#", replaying.clone()),
+        ExpectTx(Tx::Sub {
+            sub: 2,
+            replay: Some(Replay::FromSeq(1)),
+            retained: replaying.retained,
+            durable: None,
+        }),
+        SubOkHistory { id: 2, seq: 2 },
+        ExpectEvent(Ev::SubscribeOk(2)),
+    ]);
+    for (name, topic) in [("m1", "h/a"), ("m2", "h/b")] {
+        steps.push(Seal { name, topic });
+    }
+    steps.extend([
+        // Live: both get m1 (1 is full then); m2 is held back from 1, which never had it.
+        Deliver {
+            msg: "m1",
+            seq: 1,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m1" }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m1" }),
+        Deliver {
+            msg: "m2",
+            seq: 2,
+            flags: 0,
+        },
+        ExpectNoEvent,
+        // 2's history brings it to 2.
+        history("m2", 2, 2),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
+        Take(1),
+        Drop,
+        lost(Why::Transport, Some(1)),
+        Redial,
+        ExpectTx(Tx::Sub {
+            sub: 1,
+            replay: Some(Replay::FromSeq(2)),
+            retained: false,
+            durable: None,
+        }),
+        ExpectTx(Tx::Sub {
+            sub: 2,
+            replay: Some(Replay::FromSeq(3)),
+            retained: false,
+            durable: None,
+        }),
+        ExpectEvent(Ev::Connected),
+        SubOkHistory { id: 1, seq: 2 },
+        // A duplicate of the window (2 took it on the old connection), new to 1.
+        history("m2", 2, 1),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m2" }),
+        ExpectNoEvent,
+    ]);
+    play(
+        "owed across a reconnect",
+        || Sim::new(|c| c.sub_capacity = 1),
+        &steps,
+    );
+}
+
 /// After a reconnect a subscription's own history copy of a message is held back for want
 /// of room after a neighbour's history copy delivered it: the relay's redelivery to it is a
 /// duplicate in the client-wide dedup window by then, yet it still reaches that

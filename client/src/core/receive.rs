@@ -876,10 +876,15 @@ impl Window {
 
 /// The dedup key of a candidate.
 pub fn dedup_key(c: &Candidate<'_>) -> DedupKey {
+    key_of(c.tree, c.sender.as_ref(), c.msg_id)
+}
+
+/// The dedup key of a message of `tree` from `sender` (zeros: unsigned) with id `msg_id`.
+pub fn key_of(tree: TreeId, sender: Option<&SenderId>, msg_id: [u8; 16]) -> DedupKey {
     (
-        c.tree,
-        c.sender.map(|s| s.to_bytes()).unwrap_or([0; 32]),
-        c.msg_id,
+        tree,
+        sender.map(|s| s.to_bytes()).unwrap_or([0; 32]),
+        msg_id,
     )
 }
 

@@ -175,24 +175,19 @@ impl Withheld {
     /// `Gap`), or `cause` went away (`key` `None`: every key id): what it alone held back
     /// is not coming again.
     pub(crate) fn cause_done(&mut self, cause: LocalSubId, key: Option<KeyId>) {
-        let mut done = Vec::new();
+        let mut touched = Vec::new();
         for (seq, e) in &mut self.by_seq {
             if key.is_some_and(|k| k != e.key) {
                 continue;
             }
-            let before = e.causes.len();
             e.causes.retain(|c| *c != cause);
             // Its catch-up ended (or it went away): nothing more comes for it.
             e.owed.retain(|o| *o != cause);
-            if e.causes.is_empty() && before > 0 {
-                done.push(*seq);
-            }
+            touched.push(*seq);
         }
-        for seq in done {
+        for seq in touched {
             self.settle(seq);
         }
-        self.by_seq
-            .retain(|_, e| !e.denied.is_empty() || !e.owed.is_empty());
     }
 
     /// Subscription `id` is gone: nothing more is lost to it, and what it alone caused is
@@ -201,10 +196,8 @@ impl Withheld {
         self.lost.remove(&id);
         for e in self.by_seq.values_mut() {
             e.denied.retain(|(d, _)| *d != id);
-            e.owed.retain(|o| *o != id);
         }
-        self.by_seq
-            .retain(|_, e| !e.denied.is_empty() || !e.owed.is_empty());
+        // No longer a cause or owed anything; entries left for nobody go (`settle`).
         self.cause_done(id, None);
     }
 
