@@ -621,6 +621,12 @@ export interface ClientStats {
    */
   heldForOrder: number;
   /**
+   * At least once: live copies the relay named a subscription paused in (`Msg.paused`: sent
+   * for a neighbour while that subscription waited for credit), not handed to it — its own
+   * copy follows in its catch-up, in order (PROTOCOL §3.5.5).
+   */
+  namedPaused: number;
+  /**
    * Messages a subscription lost because they were held back from it for another
    * subscription of the connection (`heldBack`, `heldForOrder`) and were not sent again: a
    * message the relay's store does not keep (a QoS 0 publish), held back while an

@@ -272,6 +272,7 @@ pub(crate) fn core_stats_object(s: &core::CoreStats) -> Object {
     set(&o, "relayGaps", s.relay_gaps as f64);
     set(&o, "heldBack", s.held_back as f64);
     set(&o, "heldForOrder", s.held_for_order as f64);
+    set(&o, "namedPaused", s.named_paused as f64);
     set(&o, "withheldLost", s.withheld_lost as f64);
     set(&o, "batchRootHits", s.batch_root_hits as f64);
     set(&o, "missingDictionary", s.missing_dictionary as f64);

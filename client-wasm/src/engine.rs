@@ -807,8 +807,8 @@ impl Engine {
     }
 
     /// Counters: `{delivered, rejected, duplicates, relayGaps, heldBack, heldForOrder,
-    /// refused: {...}, slowSubscriberDrops, outboxDrops, reconnects, unackedPublishes,
-    /// sealingPublishes}`, as the Rust client's `EngineStats`: `unackedPublishes` counts
+    /// namedPaused, refused: {...}, slowSubscriberDrops, outboxDrops, reconnects,
+    /// unackedPublishes, sealingPublishes}`, as the Rust client's `EngineStats`: `unackedPublishes` counts
     /// QoS ≥ 1 publishes in the outbox waiting for their `PubAck`, `sealingPublishes` those
     /// still waiting for their batch signature (not yet in the outbox; each moves to
     /// `unackedPublishes` once sealed). With persistence a kept publish is sealed and saved

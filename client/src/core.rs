@@ -124,6 +124,11 @@ pub struct CoreStats {
     /// that reached the client for a neighbour while the relay had that subscription
     /// paused); the relay delivers them again, in order.
     pub held_for_order: u64,
+    /// Live copies a relay named a subscription paused in (`Msg.paused`: sent for a
+    /// neighbour while the relay had that subscription's delivery paused for credit), not
+    /// handed to it: its own copy follows in its catch-up, in order (PROTOCOL §3.5.5
+    /// "Paused beside other subscriptions"). Counted once per copy.
+    pub named_paused: u64,
     /// Messages a subscription lost because they were held back from it for another one
     /// (counted in `held_back` or `held_for_order`) and did not come again: a message the
     /// store does not keep, held back while the relay had an at-least-once neighbour
@@ -286,6 +291,16 @@ struct LocalSub {
     /// relay's held-back copy at the newer one, the message twice, when only the copy at
     /// the remembered sequence spent it.
     awaiting: HashMap<receive::Digest, Vec<u64>>,
+    /// Copies a relay named this subscription paused in (`Msg.paused`: a neighbour's live
+    /// copy, PROTOCOL §3.5.5 "Paused beside other subscriptions"), by (relay subscription,
+    /// sequence), on this connection: its `skipped` entries (the catch-up's copy passes
+    /// the dedup window, and the sequence is owed to it) until its copy came, or until it
+    /// is known not to come — a `Gap` naming that relay subscription (its store did not
+    /// keep it), or a later copy that relay subscription took (the catch-up sends in
+    /// sequence order) — when the debt is forgiven ([`ClientCore::take_forgiven`]).
+    /// Never taken, such a copy moves no resume position: a reconnect before the catch-up
+    /// asks for it again. Within `skipped`'s bound; emptied on every `Sub`.
+    paused_skips: std::collections::BTreeSet<(u64, u64)>,
 }
 
 /// Where a relay subscription started on the current connection (see
@@ -326,6 +341,10 @@ const MAX_SHOWN: usize = 65_536;
 /// Most messages a subscription in its history remembers as received (~100 bytes each).
 const MAX_GOT: usize = if cfg!(test) { 64 } else { 100_000 };
 
+/// Most sequences one subscription is remembered holding back for its hand-over (its
+/// `skipped` entries, each of which may be owed an ack): what bounds those debts.
+pub const MAX_HELD: usize = MAX_GOT;
+
 impl LocalSub {
     /// A message new to the client, with dedup digest `d`, is held back for this
     /// subscription at `seq` (its `skipped` entry, taken at first sight): the relay's own
@@ -350,15 +369,7 @@ impl LocalSub {
         if self.skipped.is_empty() {
             return done; // nearly always: no held-back sequence remembered
         }
-        if let Some(Some(x)) = self.skipped.remove(&seq) {
-            if let Some(seqs) = self.awaiting.get_mut(&x) {
-                seqs.retain(|s| *s != seq);
-                if seqs.is_empty() {
-                    self.awaiting.remove(&x);
-                }
-            }
-            done[0] = Some(x);
-        }
+        done[0] = self.forget_skipped(seq);
         if let Some(seqs) = self.awaiting.remove(&d) {
             for s in seqs {
                 if let Some(slot) = self.skipped.get_mut(&s) {
@@ -368,6 +379,35 @@ impl LocalSub {
             done[1] = Some(d);
         }
         done
+    }
+
+    /// Drops the `skipped` entry of `seq`; its digest, if it had one (no longer awaited).
+    fn forget_skipped(&mut self, seq: u64) -> Option<receive::Digest> {
+        let x = self.skipped.remove(&seq)??;
+        if let Some(seqs) = self.awaiting.get_mut(&x) {
+            seqs.retain(|s| *s != seq);
+            if seqs.is_empty() {
+                self.awaiting.remove(&x);
+            }
+        }
+        Some(x)
+    }
+
+    /// The relay subscription of this one that a live copy names paused (`Msg.paused`)
+    /// and whose pattern it matches: the copy was sent for a neighbour, and this
+    /// subscription's own follows in its catch-up, after the earlier messages the relay
+    /// skipped for it (PROTOCOL §3.5.5 "Paused beside other subscriptions").
+    fn paused_for(&self, msg: &Msg) -> Option<u64> {
+        let named = msg.paused.as_deref()?;
+        if !live_kind(msg) {
+            return None;
+        }
+        let path = msg.envelope.token_path();
+        self.relay_ids
+            .iter()
+            .zip(&self.patterns)
+            .find(|(rid, p)| named.contains(rid) && p.matches(&path))
+            .map(|(rid, _)| *rid)
     }
 
     /// Raises the position of relay subscription `relay_id`'s key id to `seq`.
@@ -470,14 +510,22 @@ impl LocalSub {
     /// new to the client there, it is still this one's to get (review F2: it was dropped
     /// as a duplicate when its copy came). Not this subscription's own history, nor
     /// history naming none (handed to the subscriptions in history, `wants_history`).
+    /// So is a live copy the relay names this subscription paused in (`Msg.paused`,
+    /// [`LocalSub::paused_for`]): its own copy follows in its catch-up.
     /// Unnumbered messages are not (their copy could not be told from them), nor any once
     /// `skipped` is full (but those it remembers already).
     fn holds_back(&self, msg: &Msg) -> bool {
         let history = frame::msg_flags::REPLAYED | frame::msg_flags::RETAINED;
-        if self.held.is_empty()
+        if (self.held.is_empty() && msg.paused.is_none())
             || msg.seq == 0
             || (self.skipped.len() >= MAX_GOT && !self.skipped.contains_key(&msg.seq))
         {
+            return false;
+        }
+        if self.paused_for(msg).is_some() {
+            return true;
+        }
+        if self.held.is_empty() {
             return false;
         }
         match msg.sub_id {
@@ -898,6 +946,11 @@ pub struct ClientCore {
     /// subscription's history (at most [`MAX_GOT`]): the only duplicates another resumed
     /// subscription's history may still show it (`LocalSub::resumed`).
     resume_new: std::collections::HashSet<receive::Digest>,
+    /// Acks owed for copies named paused that will not come (`LocalSub::paused_skips`),
+    /// for the engine to forgive ([`ClientCore::take_forgiven`]).
+    forgiven: Vec<(LocalSubId, u64)>,
+    /// Acks to hold for subscriptions whose own copy follows ([`ClientCore::take_owing`]).
+    owing: Vec<(LocalSubId, u64)>,
 }
 
 /// Whether `msg` is a redelivered copy of the live kind (`REDELIVERED` alone, no `sub_id`):
@@ -906,6 +959,16 @@ fn is_redelivery(msg: &Msg) -> bool {
     msg.sub_id.is_none()
         && msg.flags & frame::msg_flags::REDELIVERED != 0
         && msg.flags & (frame::msg_flags::REPLAYED | frame::msg_flags::RETAINED) == 0
+}
+
+/// Whether `msg` is a copy a relay sent one subscription alone outside its history: its
+/// catch-up after a pause, or live messages it held back during its history (PROTOCOL
+/// §3.5.5) — numbered, naming the subscription (`sub_id`), none of `REPLAYED`,
+/// `RETAINED`, `REDELIVERED`.
+fn is_catch_up(msg: &Msg) -> bool {
+    let history =
+        frame::msg_flags::REPLAYED | frame::msg_flags::RETAINED | frame::msg_flags::REDELIVERED;
+    msg.seq > 0 && msg.sub_id.is_some() && msg.flags & history == 0
 }
 
 /// Takes `id` out of `awaited[d]`, dropping the entry once empty.
@@ -1106,6 +1169,8 @@ impl ClientCore {
             awaited: HashMap::new(),
             withheld: withheld::Withheld::default(),
             resume_new: Default::default(),
+            forgiven: Vec::new(),
+            owing: Vec::new(),
         }
     }
 
@@ -1328,6 +1393,9 @@ impl ClientCore {
         sub.held.clear();
         sub.starts.clear();
         sub.behind.clear();
+        // Its relay subscriptions are replaced (their debts forgiven with them); the
+        // `skipped` entries stay: its resume history brings those copies.
+        sub.paused_skips.clear();
         sub.held_retained.clear();
         for old in sub.relay_ids.drain(..) {
             self.relay_to_local.remove(&old);
@@ -1499,6 +1567,7 @@ impl ClientCore {
                 held: Vec::new(),
                 skipped: Default::default(),
                 awaiting: HashMap::new(),
+                paused_skips: Default::default(),
             },
         );
         let frames = self.sub_frames(id, now_ms);
@@ -1611,6 +1680,114 @@ impl ClientCore {
             // What it alone held back from its neighbours is not coming again either.
             self.withheld.cause_done(id, Some(key));
         }
+        // Neither are the copies named paused that its catch-up did not send.
+        let gone: Vec<u64> = s
+            .paused_skips
+            .range((relay_id, 0)..=(relay_id, u64::MAX))
+            .map(|(_, q)| *q)
+            .collect();
+        for q in gone {
+            self.forgive_paused(id, relay_id, q);
+        }
+    }
+
+    /// Subscription `id` took (or passed) live copy `msg`, named paused in none of its
+    /// relay subscriptions: for the relay subscription of it that matches, every copy
+    /// named paused below it is not coming (the catch-up sends in sequence order) — no
+    /// longer awaited nor owed; the one at its sequence is this copy (its ack slot pays the
+    /// debt).
+    fn pause_passed(&mut self, id: LocalSubId, msg: &Msg) {
+        let Some(s) = self.subs.get_mut(&id) else {
+            return;
+        };
+        let path = msg.envelope.token_path();
+        let Some(rid) = s
+            .relay_ids
+            .iter()
+            .zip(&s.patterns)
+            .find(|(r, p)| msg.sub_id.map_or_else(|| p.matches(&path), |n| n == **r))
+            .map(|(r, _)| *r)
+        else {
+            return;
+        };
+        s.paused_skips.remove(&(rid, msg.seq));
+        let gone: Vec<u64> = s
+            .paused_skips
+            .range((rid, 0)..(rid, msg.seq))
+            .map(|(_, q)| *q)
+            .collect();
+        for q in gone {
+            self.forgive_paused(id, rid, q);
+        }
+    }
+
+    /// A copy subscription `id` was named paused in (relay subscription `rid`, sequence
+    /// `seq`) will not come: its `skipped` entry goes, and the ack owed to it is forgiven.
+    fn forgive_paused(&mut self, id: LocalSubId, rid: u64, seq: u64) {
+        let Some(s) = self.subs.get_mut(&id) else {
+            return;
+        };
+        s.paused_skips.remove(&(rid, seq));
+        if let Some(d) = s.forget_skipped(seq) {
+            unawait(&mut self.awaited, d, id);
+        }
+        if s.opts.acking() {
+            self.forgiven.push((id, seq));
+        }
+    }
+
+    /// A catch-up copy (`is_catch_up`) new to this client, with dedup digest `d`: it goes
+    /// to the subscription it names alone, and every other subscription it matches is
+    /// still to get its own copy at that sequence, if the relay had it paused too — that
+    /// copy then passes the dedup window, once (its `skipped` entry, spent when a copy of
+    /// the message reaches it). One that had the message got it before this copy (its live
+    /// copy was queued when the message was routed, before any catch-up read it), so it
+    /// gets no exception: the message was not new to the client then. Found by
+    /// `tests/mixed_load.rs`: two subscriptions paused together, the second catch-up's
+    /// copy was a duplicate, lost to its subscription.
+    fn neighbours_await(&mut self, msg: &Msg, d: receive::Digest) {
+        let path = msg.envelope.token_path();
+        for (id, s) in self.subs.iter_mut() {
+            if msg.sub_id.is_some_and(|rid| s.relay_ids.contains(&rid))
+                || s.holds_back(msg)
+                || (s.skipped.len() >= MAX_GOT && !s.skipped.contains_key(&msg.seq))
+            {
+                continue; // its own, or held back for its hand-over (handled there)
+            }
+            // A relay subscription of it that was there when the message was routed.
+            let Some(rid) = s
+                .relay_ids
+                .iter()
+                .zip(&s.patterns)
+                .zip(&s.starts)
+                .find(|((_, p), st)| st.boundary.is_some_and(|b| msg.seq > b) && p.matches(&path))
+                .map(|((r, _), _)| *r)
+            else {
+                continue;
+            };
+            s.skipped.entry(msg.seq).or_insert(None);
+            s.await_copy(msg.seq, d);
+            if s.opts.acking() {
+                // Its copy follows in its own catch-up, in order: owed (the sequence is not
+                // acked before it took that copy — an `Ack` frees a sequence for every
+                // subscription of the connection), settled like a copy named paused.
+                s.paused_skips.insert((rid, msg.seq));
+                self.owing.push((*id, msg.seq));
+            }
+        }
+    }
+
+    /// Acks to hold for subscriptions whose own copy of a sequence follows
+    /// (`neighbours_await`), since the last call: the engine owes each before it takes the
+    /// message's slot.
+    pub fn take_owing(&mut self) -> Vec<(LocalSubId, u64)> {
+        std::mem::take(&mut self.owing)
+    }
+
+    /// Acks owed to subscriptions for copies named paused that will not come (see
+    /// `LocalSub::paused_skips`), since the last call: the engine forgives each debt.
+    pub fn take_forgiven(&mut self) -> Vec<(LocalSubId, u64)> {
+        std::mem::take(&mut self.forgiven)
     }
 
     /// Subscriptions that lost messages held back from them for another subscription
@@ -1633,6 +1810,23 @@ impl ClientCore {
             if let Some(s) = self.subs.get_mut(&id) {
                 if s.carried.len() < MAX_GOT {
                     s.carried.insert(d);
+                }
+            }
+        }
+        // What entered the window from a resumed history on this connection is still owed
+        // to a resumed subscription whose own history had not reached it: its next resume
+        // brings it again (found by `tests/mixed_load.rs` with two reconnects: a slow
+        // history lost what a neighbour's faster one delivered before the second cut).
+        // Its `got` (kept while its history runs) stops what it did get.
+        if !self.resume_new.is_empty() {
+            for s in self.subs.values_mut() {
+                if s.resumed && s.got.is_some() {
+                    for d in &self.resume_new {
+                        if s.carried.len() >= MAX_GOT {
+                            break;
+                        }
+                        s.carried.insert(*d);
+                    }
                 }
             }
         }
@@ -1765,17 +1959,33 @@ impl ClientCore {
                 .filter(|(_, s)| s.holds_back(msg))
                 .map(|(id, _)| *id)
                 .collect();
+            let mut named_paused = false;
             for id in held {
                 if let Some(s) = self.subs.get_mut(&id) {
                     s.skipped.entry(msg.seq).or_insert(None);
-                    // And it awaits that copy before later live ones (`LocalSub::behind`):
-                    // the relay's hand-over may go on past `ReplayDone` (sent in steps, or
-                    // from its store once the held-back messages spilled there), while a
-                    // neighbour's live copies keep coming.
-                    if s.opts.acking() {
-                        s.missed(msg);
+                    let paused = s.paused_for(msg);
+                    if paused.is_some() {
+                        named_paused = true;
+                    }
+                    match paused {
+                        // Paused at the relay: the relay names it in every copy it sends
+                        // for a neighbour until its catch-up ends, which sends its own in
+                        // order — nothing to hold back later copies for.
+                        Some(rid) => {
+                            s.paused_skips.insert((rid, msg.seq));
+                        }
+                        // And it awaits that copy before later live ones
+                        // (`LocalSub::behind`): the relay's hand-over may go on past
+                        // `ReplayDone` (sent in steps, or from its store once the
+                        // held-back messages spilled there), while a neighbour's live
+                        // copies keep coming.
+                        None if s.opts.acking() => s.missed(msg),
+                        None => {}
                     }
                 }
+            }
+            if named_paused {
+                self.stats.named_paused += 1;
             }
         }
         // Order (PROTOCOL §3.5.5): one that awaits an earlier sequence the relay sends it
@@ -1916,6 +2126,22 @@ impl ClientCore {
             };
             if let Some(s) = self.subs.get_mut(id) {
                 s.caught(msg, own);
+            }
+        }
+        // A copy of the live kind a relay subscription of theirs took — unnamed, or naming
+        // it (its catch-up's) — after copies naming it paused: its catch-up (in sequence
+        // order) is past what it skipped below this one.
+        let history =
+            frame::msg_flags::REPLAYED | frame::msg_flags::RETAINED | frame::msg_flags::REDELIVERED;
+        if msg.seq > 0 && msg.flags & history == 0 {
+            for id in &routed {
+                if self
+                    .subs
+                    .get(id)
+                    .is_some_and(|s| !s.paused_skips.is_empty())
+                {
+                    self.pause_passed(*id, msg);
+                }
             }
         }
         // A redelivered copy handled (delivered or not): no longer awaited.
@@ -2125,6 +2351,9 @@ impl ClientCore {
                             self.awaited.entry(keys.0).or_default().push(id);
                         }
                     }
+                }
+                if is_catch_up(msg) {
+                    self.neighbours_await(msg, keys.0);
                 }
                 (Some(a), entitled.clone())
             }
@@ -2565,6 +2794,7 @@ mod tests {
         let (live, newer) = (seal_on("a/x", NOW - 500), seal_on("a/x", NOW - 400));
         let (other, newest) = (seal_on("a/y", NOW - 300), seal_on("a/x", NOW - 200));
         let msg = |env: &whispeer_protocol::Envelope, seq, flags, sub_id| Msg {
+            paused: None,
             sub_id,
             seq,
             envelope: env.clone(),
@@ -2698,6 +2928,7 @@ mod tests {
             )
             .unwrap();
         let msg = |env: &whispeer_protocol::Envelope, seq, flags, sub_id| Msg {
+            paused: None,
             sub_id,
             seq,
             envelope: env.clone(),
@@ -2768,6 +2999,7 @@ mod tests {
             })
             .collect();
         let msg = |i: usize| Msg {
+            paused: None,
             sub_id: None,
             seq: i as u64 + 1,
             envelope: envs[i].clone(),
@@ -2816,6 +3048,7 @@ mod tests {
         )
         .unwrap();
         let msg = Msg {
+            paused: None,
             sub_id: None,
             seq: 9,
             envelope: env,
@@ -2913,6 +3146,7 @@ mod tests {
         let env = seal(&trees[1], &mut rng);
         let later_key = env.key_id();
         let msg = Msg {
+            paused: None,
             sub_id: None,
             seq: 12,
             envelope: env,
@@ -3026,6 +3260,7 @@ mod tests {
 
     fn at(env: &whispeer_protocol::Envelope, seq: u64) -> Msg {
         Msg {
+            paused: None,
             sub_id: None,
             seq,
             envelope: env.clone(),
@@ -4041,6 +4276,7 @@ mod tests {
         assert!(core
             .receive(
                 &Msg {
+                    paused: None,
                     sub_id: None,
                     seq: 1,
                     envelope: env,

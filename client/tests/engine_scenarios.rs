@@ -204,6 +204,13 @@ enum Step {
         flags: u64,
         id: u64,
     },
+    /// The relay delivers the named live message for a neighbour, naming (the newest relay
+    /// subscriptions of) `paused` as paused (`Msg.paused`).
+    DeliverPaused {
+        msg: &'static str,
+        seq: u64,
+        paused: Vec<u64>,
+    },
     /// The app publishes a fresh message on `topic` as `name`.
     Publish {
         name: &'static str,
@@ -262,6 +269,7 @@ enum Stat {
     Duplicates,
     Rejected,
     HeldBack,
+    NamedPaused,
     Reconnects,
     UnackedPublishes,
     OutboxDrops,
@@ -530,6 +538,7 @@ impl Sim {
             Step::Deliver { msg, seq, flags } => {
                 let envelope = self.msgs[msg].clone();
                 self.feed(Frame::Msg(Msg {
+                    paused: None,
                     sub_id: None,
                     seq,
                     envelope,
@@ -545,10 +554,29 @@ impl Sim {
                 let envelope = self.msgs[msg].clone();
                 let sub_id = *self.relay_ids[&id].last().unwrap();
                 self.feed(Frame::Msg(Msg {
+                    paused: None,
                     sub_id: Some(sub_id),
                     seq,
                     envelope,
                     flags,
+                }));
+            }
+            Step::DeliverPaused {
+                msg,
+                seq,
+                ref paused,
+            } => {
+                let envelope = self.msgs[msg].clone();
+                let paused = paused
+                    .iter()
+                    .map(|id| *self.relay_ids[id].last().unwrap())
+                    .collect();
+                self.feed(Frame::Msg(Msg {
+                    paused: Some(paused),
+                    sub_id: None,
+                    seq,
+                    envelope,
+                    flags: 0,
                 }));
             }
             Step::Publish {
@@ -658,6 +686,7 @@ impl Sim {
                     Stat::Duplicates => s.core.duplicates,
                     Stat::Rejected => s.core.rejected,
                     Stat::HeldBack => s.core.held_back,
+                    Stat::NamedPaused => s.core.named_paused,
                     Stat::Reconnects => s.reconnects,
                     Stat::UnackedPublishes => s.unacked_publishes,
                     Stat::OutboxDrops => s.outbox_drops,
@@ -3127,6 +3156,7 @@ fn random_interleavings_keep_the_invariants() {
                     s.eng.handle_frame(
                         c,
                         &Frame::Msg(Msg {
+                            paused: None,
                             sub_id: None,
                             seq,
                             envelope,
@@ -3886,4 +3916,207 @@ fn a_neighbours_held_ack_is_not_sent_on_the_next_connection() {
         || Sim::new(|_| {}),
         &steps,
     );
+}
+
+/// The relay's catch-up copy of `msg` for (the newest relay subscription of) `id`: live
+/// flags, naming the subscription (`Msg.sub_id`), as the relay sends one after a pause.
+fn catch_up(msg: &'static str, seq: u64, id: u64) -> Step {
+    DeliverHistory {
+        msg,
+        seq,
+        flags: 0,
+        id,
+    }
+}
+
+/// Two at-least-once subscriptions on `h/#` (1 of capacity 1, 2 of capacity 16) after
+/// `m1`: subscription 1 holds it untaken, so the relay pauses it at the next one.
+fn paused_beside_a_neighbour() -> Vec<Step> {
+    two_subs_with_m1(qos1().capacity(16))
+        .into_iter()
+        .map(|step| match step {
+            Subscribe { id: 1, filter, .. } => Subscribe {
+                id: 1,
+                filter,
+                opts: qos1().capacity(1),
+            },
+            other => other,
+        })
+        .collect()
+}
+
+/// PROTOCOL §3.5.5 "Paused beside other subscriptions": the relay names a paused
+/// subscription in the live copy it sends for a neighbour (`Msg.paused`). That copy is
+/// the neighbour's alone: not handed to the paused one (it came before what the relay
+/// still owes it), whose own copy follows in its catch-up (naming it) and passes the dedup
+/// window although the neighbour's copy is in it. The sequence is not acked before the
+/// paused one took its copy: an `Ack` frees it for every subscription of the connection,
+/// and one that reached the relay after the catch-up sent its copy would free that copy
+/// before it was taken.
+#[test]
+fn a_copy_naming_a_paused_subscription_is_the_neighbours_and_its_catch_up_copy_follows() {
+    let mut steps = paused_beside_a_neighbour();
+    steps.extend([
+        DeliverPaused {
+            msg: "m2",
+            seq: 2,
+            paused: vec![1],
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
+        ExpectNoEvent,
+        ExpectStat(Stat::NamedPaused, 1),
+        Take(2),
+        Take(2),
+        // 2 is owed to subscription 1, and 1 is held by it: no ack due (the next deadline
+        // is the heartbeat's, not the ack delay's).
+        ExpectTimeoutIn(Some(10_000)),
+        Take(1),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![1])),
+        catch_up("m2", 2, 1),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m2" }),
+        ExpectNoEvent,
+        ExpectStat(Stat::Duplicates, 0),
+        Take(1),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![2])),
+        ExpectNoTx,
+    ]);
+    play("named paused", || Sim::new(|_| {}), &steps);
+}
+
+/// A copy named paused moves no resume position of the paused subscription: cut before its
+/// catch-up, it resumes from before that message and its resume history brings it (a
+/// duplicate in the window, still its own). Before the relay named it, the neighbour's copy
+/// reached it and its position moved past the messages the relay still owed it: lost
+/// across the reconnect (found by `tests/mixed_load.rs` with reconnects).
+#[test]
+fn a_copy_named_paused_moves_no_resume_position_and_the_resume_brings_it() {
+    let mut steps = paused_beside_a_neighbour();
+    steps.extend([
+        DeliverPaused {
+            msg: "m2",
+            seq: 2,
+            paused: vec![1],
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
+        Take(1),
+        Take(2),
+        Take(2),
+    ]);
+    steps.extend(cut_and_m2_resumed_for_1(1, SubOk { id: 2, seq: 2 }));
+    play("named paused, resumed", || Sim::new(|_| {}), &steps);
+}
+
+/// Both subscriptions paused: each catch-up copy names its subscription and goes to it
+/// alone — the other's comes in its own catch-up, after the earlier messages the relay
+/// owes that one (taken from the first catch-up, it came before them: found by
+/// `tests/mixed_load.rs`). The second copy passes the dedup window, and the sequence is
+/// acked once both took theirs. A catch-up copy held back for want of room stays owed: the
+/// neighbour's ack of its own copy would free it at the relay, and the relay's
+/// redelivery is what brings it.
+#[test]
+fn catch_up_copies_go_to_their_subscription_alone_and_each_is_acked_once_taken() {
+    play(
+        "catch-up copies, the neighbour's first",
+        || Sim::new(|_| {}),
+        &both_caught_up(2),
+    );
+    play(
+        "catch-up copies, the held-back one first",
+        || Sim::new(|_| {}),
+        &both_caught_up(1),
+    );
+}
+
+/// [`catch_up_copies_go_to_their_subscription_alone_and_each_is_acked_once_taken`], the
+/// catch-up copy for subscription `first` coming first.
+fn both_caught_up(first: u64) -> Vec<Step> {
+    let mut steps = paused_beside_a_neighbour();
+    // Subscription 2's catch-up copy: not 1's (1 still holds m1, untaken). 1's own copy
+    // comes before it has room: held back.
+    let copies = [
+        vec![
+            catch_up("m2", 2, 2),
+            ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
+        ],
+        vec![catch_up("m2", 2, 1)],
+    ];
+    let order = if first == 2 { [0, 1] } else { [1, 0] };
+    for i in order {
+        steps.extend(copies[i].iter().cloned());
+    }
+    steps.extend([
+        ExpectNoEvent,
+        ExpectStat(Stat::HeldBack, 1),
+        Take(2),
+        Take(2),
+        // 2 is owed to subscription 1 (its copy held back), and 1 is held by it.
+        ExpectTimeoutIn(Some(10_000)),
+        Take(1),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![1])),
+        // The relay redelivers 1's copy (nothing acked it).
+        Deliver {
+            msg: "m2",
+            seq: 2,
+            flags: msg_flags::REDELIVERED,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m2" }),
+        // A redelivery is a copy for every subscription that acknowledges: 2 had it.
+        ExpectEvent(Ev::Placeholder { sub: 2 }),
+        ExpectNoEvent,
+        Take(1),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![2])),
+        ExpectNoTx,
+    ]);
+    steps
+}
+
+/// Two resumed subscriptions: the neighbour's faster history delivered `m2` (new to the
+/// client on that connection), and the connection dropped before the slower history got
+/// there. Its next resume history brings `m2` again, a duplicate in the window from an
+/// earlier connection — still its own, once (before: a placeholder, an at-least-once loss
+/// across two reconnects; found by `tests/mixed_load.rs`).
+#[test]
+fn a_message_a_neighbours_resume_history_delivered_before_a_second_cut_still_reaches_the_slower_one(
+) {
+    let mut steps = two_subs_with_m1(qos1());
+    steps.extend(taken_and_resumed(2));
+    steps.extend([
+        history("m2", 2, 2),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
+        Take(2),
+    ]);
+    // The second attempt: not stable yet.
+    steps.extend(cut_and_m2_resumed_for_1(2, SubOkHistory { id: 2, seq: 2 }));
+    play("two cuts", || Sim::new(|_| {}), &steps);
+}
+
+/// The connection drops (reconnect attempt `attempt`); subscription 1 resumes from 2 (its
+/// position still 1), 2 from 3 and is confirmed by `sub_ok_2`; 1's resume history brings
+/// `m2` (seq 2), which reaches it.
+fn cut_and_m2_resumed_for_1(attempt: u32, sub_ok_2: Step) -> Vec<Step> {
+    let resume = |sub, from| {
+        ExpectTx(Tx::Sub {
+            sub,
+            replay: Some(Replay::FromSeq(from)),
+            retained: false,
+            durable: None,
+        })
+    };
+    vec![
+        Drop,
+        lost(Why::Transport, Some(attempt)),
+        Redial,
+        resume(1, 2),
+        resume(2, 3),
+        ExpectEvent(Ev::Connected),
+        SubOkHistory { id: 1, seq: 2 },
+        sub_ok_2,
+        history("m2", 2, 1),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m2" }),
+        ExpectNoEvent,
+    ]
 }

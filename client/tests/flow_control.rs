@@ -258,6 +258,7 @@ async fn a_relay_ignoring_the_credit_without_end_is_hung_up_on() {
     let env = seal(&t, None, "slow/x", 1, whispeer::now_ms());
     let msg = |seq| {
         Frame::Msg(whispeer::protocol::frame::Msg {
+            paused: None,
             sub_id: None,
             seq,
             envelope: env.clone(),
@@ -439,14 +440,14 @@ async fn unstored_messages_a_paused_subscription_lost_reach_its_app_as_a_lag() {
     unstored_messages_skipped_while_paused(false).await;
 }
 
-/// The same messages reach the connection for a QoS 0 neighbour on the same topics: the
-/// client holds each back from every subscription it was routed to while the QoS 1 one has
-/// no room (the relay sends that one its copy again, in order, from its store), so the
-/// neighbour gets nothing then; the stored one follows with the catch-up and reaches it,
-/// but the three the store does not keep never come again. The neighbour's app must hear
-/// of exactly those three (`ReceiveError::Lagged(3)`, `CoreStats::withheld_lost`), once the
-/// relay's `Gap` naming the paused subscription says its catch-up is over. Before, they
-/// were lost to it silently (counted only in `held_back`).
+/// The same messages reach the connection for a QoS 0 neighbour on the same topics, each
+/// copy naming the paused QoS 1 subscription (`Msg.paused`): the client hands them to the
+/// neighbour at once — all four, also the three the store does not keep — and not to the
+/// paused one, whose stored one follows in its catch-up and whose three others its `Gap`
+/// reports. Before the relay named paused subscriptions, the client held each copy back
+/// from every subscription it was routed to (the QoS 1 one had no room): the neighbour got
+/// the stored one only with the catch-up and lost the three others (told as a lag, and
+/// before that fix silently).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unstored_messages_held_back_from_a_qos0_neighbour_reach_its_app_as_a_lag() {
     unstored_messages_skipped_while_paused(true).await;
@@ -488,8 +489,9 @@ async fn unstored_messages_skipped_while_paused(neighbour: bool) {
     let kept = publish_stored(&p, "t/x", 4u32).await;
     let stored = vec![(first, 0), (kept, 4)];
     if n.is_some() {
-        // Held back from both (the QoS 1 subscription holds the first, untaken): all four.
-        until_stats(&c, "the four held back", |s| s.core.held_back >= 4).await;
+        // Named paused in the four copies (the QoS 1 subscription holds the first, untaken).
+        until_stats(&c, "the four named paused", |s| s.core.named_paused >= 4).await;
+        assert_eq!(c.stats().core.held_back, 0, "nothing held back");
     }
     assert_eq!(
         take_with_lag(&mut s, 2, 3).await,
@@ -497,12 +499,15 @@ async fn unstored_messages_skipped_while_paused(neighbour: bool) {
         "the stored ones, in order; each unstored message skipped told once"
     );
     if let Some(n) = n.as_mut() {
+        let (got, told) = take_with_lag(n, 5, 0).await;
+        let all: Vec<u32> = got.into_iter().map(|(_, v)| v).collect();
         assert_eq!(
-            take_with_lag(n, 2, 3).await,
-            (stored, 3),
-            "the stored one came back to the neighbour; each it lost told once"
+            all,
+            [0, 1, 2, 3, 4],
+            "the neighbour got every one, in order"
         );
-        assert_eq!(c.stats().core.withheld_lost, 3);
+        assert_eq!(told, 0, "nothing lost");
+        assert_eq!(c.stats().core.withheld_lost, 0);
     }
     end(c, p, relay).await;
 }
@@ -775,11 +780,11 @@ async fn skipped_messages_the_store_does_not_keep_do_not_stall_a_paused_subscrip
 }
 
 /// Acks must leave for what the app took, or the relay's credit stays spent until its ack
-/// timeout. Credit 2: the third message is held back (no room) behind the untaken second
-/// one, so its held-back slot is still in the ack queue when the relay's catch-up sends
-/// it again and the subscription takes that copy; the fourth, published while the first
-/// one's ack is held, is held back for the order. Every message the app takes is acked,
-/// without waiting for a redelivery (the relay's ack timeout is longer than any wait here).
+/// timeout. Credit 2: the relay pauses the subscription at the third message, and the
+/// neighbour's copies of the third and fourth (published while the first one's ack is
+/// held) name it paused — not handed to it, owed to it; its catch-up sends both once the
+/// ack arrives. Every message the app takes is acked, in order, without waiting for a
+/// redelivery (the relay's ack timeout is longer than any wait here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_taken_from_the_catch_up_after_it_was_held_back_is_acked() {
     let (relay, proxy, c, mut s, p) =
@@ -791,10 +796,12 @@ async fn a_message_taken_from_the_catch_up_after_it_was_held_back_is_acked() {
     handled(&c, "the three handled", 3).await;
     let mut got = take_first_holding_its_ack(&mut s, &proxy, seqs[0]).await;
     seqs.push(publish_stored(&p, "t/x", 3u32).await);
-    until_stats(&c, "the fourth held back", |s| s.core.held_for_order >= 1).await;
+    until_stats(&c, "the third and fourth named paused", |s| {
+        s.core.named_paused >= 2
+    })
+    .await;
     proxy.release().await;
-    // The catch-up's copy of the third, taken behind the untaken second.
-    until_stats(&c, "the third's copy", |s| s.core.delivered >= 3).await;
+    // The catch-up's copies of the third and fourth, behind the untaken second.
     got.extend(take_n(&mut s, 3).await);
     assert_eq!(got, in_order(&seqs));
     within(
@@ -805,13 +812,12 @@ async fn a_message_taken_from_the_catch_up_after_it_was_held_back_is_acked() {
     end(c, p, relay).await;
 }
 
-/// The relay paused the subscription while its ack was on the way, and the neighbour's
-/// live copy of the next message reached it with room (nothing it missed yet: taken, in
-/// order). The relay's catch-up then sends that message again, tracked this time, while
-/// the app has not read the first copy: a duplicate of a message it holds — passed behind
-/// it, and acked once the app reads past it (held back for want of room, it stayed
-/// unacknowledged, the relay's credit spent until its ack timeout, and the next message
-/// waited for it).
+/// The relay paused the subscription while its ack was on the way: the neighbour's live
+/// copy of the next message names it paused, so that copy is not its own although it has
+/// room by then (taken, it came before what the relay still owed it, and a reconnect
+/// meanwhile resumed past those). Its own copy comes with the catch-up once the ack
+/// arrives — past the client's dedup window, which has the neighbour's — in order, and is
+/// acked once the app reads it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_catch_up_copy_of_a_message_the_app_has_not_read_yet_is_acked_with_it() {
     let (relay, proxy, c, mut s, p) =
@@ -820,17 +826,22 @@ async fn a_catch_up_copy_of_a_message_the_app_has_not_read_yet_is_acked_with_it(
     let mut got = take_first_holding_its_ack(&mut s, &proxy, seqs[0]).await;
     // The relay, without the ack, pauses here; the neighbour's copy reaches the client.
     seqs.push(publish_stored(&p, "t/x", 1u32).await);
-    until_stats(&c, "the second delivered", |s| s.core.delivered >= 2).await;
-    proxy.release().await;
-    until_stats(&c, "the catch-up's copy of it", |s| {
-        s.core.duplicates + s.core.held_back >= 1
+    until_stats(&c, "the neighbour's copy, named paused", |s| {
+        s.core.named_paused >= 1
     })
     .await;
-    // The app reads the second, then the next one (its read passes the placeholder): that
-    // one comes only once the relay has the ack of the second.
+    proxy.release().await;
+    // The app reads the second (the catch-up's copy), then the next one: that one comes
+    // only once the relay has the ack of the second.
     seqs.push(publish_stored(&p, "t/x", 2u32).await);
     got.extend(take_n(&mut s, 2).await);
     assert_eq!(got, in_order(&seqs));
+    let core = c.stats().core;
+    assert_eq!(
+        (core.duplicates, core.held_back),
+        (0, 0),
+        "no copy refused or held"
+    );
     within(
         "all acked",
         proxy.wait_acked(|a| seqs.iter().all(|s| a.contains(s))),

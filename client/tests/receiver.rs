@@ -399,6 +399,7 @@ async fn messages_handled_as_the_connection_ends_are_saved_before_the_app_sees_t
         .zip(&envs)
         .map(|(seq, e)| {
             Frame::Msg(Msg {
+                paused: None,
                 sub_id: None,
                 seq,
                 envelope: e.clone(),
@@ -716,6 +717,7 @@ async fn a_relay_sequence_of_u64_max_neither_panics_nor_wraps_the_resume_point()
         write_frame(
             &mut conn.s,
             &Frame::Msg(Msg {
+                paused: None,
                 sub_id: None,
                 seq: u64::MAX,
                 envelope: env,

@@ -46,6 +46,7 @@ fn codec(c: &mut Criterion) {
     });
     let wire: Bytes = codec::encode_prefixed(&pub_frame);
     let msg = Frame::Msg(Msg {
+        paused: None,
         seq: 123_456_789,
         envelope,
         flags: 0,

@@ -665,12 +665,29 @@ fn main() {
             seq: 42,
         }),
         Frame::Msg(Msg {
+            paused: None,
             sub_id: None,
             seq: 42,
             envelope: env.clone(),
             flags: 0,
         }),
         Frame::Ack(Ack { seqs: vec![42] }),
+        // A live copy for a neighbour naming two paused subscriptions, then the first
+        // one's catch-up copy (live flags, naming it).
+        Frame::Msg(Msg {
+            paused: Some(vec![1, 300]),
+            sub_id: None,
+            seq: 43,
+            envelope: env.clone(),
+            flags: 0,
+        }),
+        Frame::Msg(Msg {
+            paused: None,
+            sub_id: Some(1),
+            seq: 43,
+            envelope: env.clone(),
+            flags: 0,
+        }),
         Frame::Gap(Gap {
             dropped: 3,
             sub_id: None,

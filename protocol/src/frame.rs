@@ -774,6 +774,11 @@ frames! {
         /// History is per subscription, so without it a client with several subscriptions
         /// matching the envelope could not tell whose it is; live messages leave it out.
         4 => sub_id: u64 as Uint [opt],
+        /// Live only: this connection's subscriptions the message matches that the relay
+        /// did not send it to — their delivery is paused (credit, PROTOCOL §3.3.3 key 8):
+        /// this copy is for the others, theirs follows in their catch-up, in sequence
+        /// order (or is counted in the `Gap` naming them). Absent nearly always.
+        5 => paused: Vec<u64> as Uints [opt],
     }
 
     /// Client → relay: acknowledge delivered sequences (QoS ≥ 1).

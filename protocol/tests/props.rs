@@ -183,14 +183,20 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     qos,
                 })
             }),
-        (any::<u64>(), arb_envelope(), 0u64..8, any::<Option<u64>>()).prop_map(
-            |(seq, envelope, flags, sub_id)| Frame::Msg(Msg {
+        (
+            any::<u64>(),
+            arb_envelope(),
+            0u64..8,
+            any::<Option<u64>>(),
+            proptest::option::of(proptest::collection::vec(any::<u64>(), 0..4)),
+        )
+            .prop_map(|(seq, envelope, flags, sub_id, paused)| Frame::Msg(Msg {
+                paused,
                 sub_id,
                 seq,
                 envelope,
                 flags
-            })
-        ),
+            })),
         prop::collection::vec(any::<u64>(), 0..50).prop_map(|seqs| Frame::Ack(Ack { seqs })),
         (any::<[u8; 16]>(), any::<u64>())
             .prop_map(|(publish_id, seq)| Frame::PubAck(PubAck { publish_id, seq })),

@@ -665,6 +665,7 @@ fn check_msg_envelope() {
     for seq in [0, 23, 24, 255, 256, 65_536, u64::MAX] {
         for (flags, sub_id) in [(0, None), (1, Some(9))] {
             let msg = Frame::Msg(whispeer_protocol::frame::Msg {
+                paused: None,
                 seq,
                 envelope: envelope.clone(),
                 flags,

@@ -40,6 +40,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use smallvec::SmallVec;
 use whispeer_protocol::frame::{Gap, Msg};
+use whispeer_protocol::limits::MAX_ACKS_PER_FRAME;
 use whispeer_protocol::{codec, Envelope, Frame, KeyId, Qos, TokenPath, TokenPattern};
 
 use crate::cluster::{Interest, Link};
@@ -115,6 +116,43 @@ pub(crate) fn msg_frame(seq: u64, envelope: &Envelope, flags: u64) -> Bytes {
     encode_msg(seq, envelope, flags, None)
 }
 
+/// The live `Msg` frame for one connection: the shared encoding (made once, for the first
+/// connection that takes it), or — when some of that connection's subscriptions matching
+/// it are paused — its own, naming them (`Msg.paused`).
+fn conn_frame(
+    encoded: &mut Option<Bytes>,
+    encode: &impl Fn() -> Bytes,
+    paused: &[u64],
+    seq: u64,
+    envelope: &Envelope,
+) -> Bytes {
+    if paused.is_empty() || seq == 0 {
+        return encoded.get_or_insert_with(encode).clone();
+    }
+    codec::encode_prefixed(&Frame::Msg(Msg {
+        seq,
+        envelope: envelope.clone(),
+        flags: 0,
+        sub_id: None,
+        paused: Some(paused.to_vec()),
+    }))
+}
+
+/// Names paused subscription `sub` in its connection's copy (at most what a `Msg` may
+/// carry, [`MAX_ACKS_PER_FRAME`]: past that a client hands the copy to the rest as before
+/// this was named — out of order for them, never lost).
+fn name_paused(paused: &mut SmallVec<[u64; 2]>, sub: u64) {
+    if paused.len() < MAX_ACKS_PER_FRAME {
+        paused.push(sub);
+    }
+}
+
+/// Encodes a `Msg` of subscription `sub_id`'s catch-up (PROTOCOL §3.5.5): live flags, but
+/// named, as it is sent for that subscription alone.
+pub(crate) fn catch_up_frame(seq: u64, envelope: &Envelope, sub_id: u64) -> Bytes {
+    encode_msg(seq, envelope, 0, Some(sub_id))
+}
+
 /// Encodes a history `Msg` (replayed or retained) for subscription `sub_id`.
 pub(crate) fn history_frame(seq: u64, envelope: &Envelope, flags: u64, sub_id: u64) -> Bytes {
     encode_msg(seq, envelope, flags, Some(sub_id))
@@ -122,6 +160,7 @@ pub(crate) fn history_frame(seq: u64, envelope: &Envelope, flags: u64, sub_id: u
 
 fn encode_msg(seq: u64, envelope: &Envelope, flags: u64, sub_id: Option<u64>) -> Bytes {
     codec::encode_prefixed(&Frame::Msg(Msg {
+        paused: None,
         sub_id,
         seq,
         envelope: envelope.clone(),
@@ -512,7 +551,7 @@ impl Router {
                 let now = Instant::now();
                 let mut paused = false;
                 let mut sent = 0;
-                for (seq, env, frame, stored) in gate.buf.iter().take(n) {
+                for (seq, env, _, stored) in gate.buf.iter().take(n) {
                     // Out of credit: the rest waits in the store (what the store does not
                     // keep is counted and reported with a Gap when delivery resumes); the
                     // ack that frees credit starts the catch-up (see `flow`).
@@ -530,7 +569,11 @@ impl Router {
                             break;
                         }
                     }
-                    target.out.push_history(frame.clone());
+                    // Named, as a catch-up's copy is: this subscription's alone (the
+                    // frame held is the shared live one).
+                    target
+                        .out
+                        .push_history(catch_up_frame(*seq, env, target.sub.0));
                     sent += 1;
                 }
                 // Sent frames now count in the queue; the rest of a paused buffer (and a
@@ -864,8 +907,23 @@ impl Router {
         // one on the same connection made the QoS >= 1 one's message droppable — dropped
         // at a full queue, a Gap for a message it must get.
         let mut pending: Option<(&Arc<Target>, bool)> = None;
+        // The connection's subscriptions this message matches whose delivery is paused:
+        // named in its copy for the others (`Msg.paused`), so the client does not hand
+        // that copy to them — theirs follows in their catch-up, in order (PROTOCOL §3.5.5
+        // "Paused beside other subscriptions"). Empty nearly always.
+        let mut paused: SmallVec<[u64; 2]> = SmallVec::new();
+        let mut conn = None;
         let mut wake: Targets<'_> = SmallVec::new();
         for t in &targets {
+            if conn != Some(t.conn) {
+                // Every subscription of the previous connection seen: its frame goes.
+                if let Some((p, d)) = pending.take() {
+                    let frame = conn_frame(&mut encoded, &encode, &paused, seq.0, envelope);
+                    counts.offer(p, &frame, d, &mut wake, &self.metrics);
+                }
+                paused.clear();
+                conn = Some(t.conn);
+            }
             if t.gated.load(Ordering::Relaxed) {
                 let mut g = lock(&t.gate);
                 if let Some(gate) = g.as_mut() {
@@ -898,9 +956,13 @@ impl Router {
                             Room::Full => t.out.count_full_pause(),
                             Room::OverBudget => t.out.count_budget_pause(),
                         }
+                        name_paused(&mut paused, t.sub.0);
                         continue;
                     }
-                    Delivery::Skipped => continue,
+                    Delivery::Skipped => {
+                        name_paused(&mut paused, t.sub.0);
+                        continue;
+                    }
                 }
             }
             // QoS 0 may be refused by the relay-wide budget and dropped at a full queue;
@@ -908,18 +970,13 @@ impl Router {
             // to a QoS >= 1 subscription is tracked by nothing: droppable like QoS 0.
             let droppable = t.track.is_none() || seq.0 == 0;
             match &mut pending {
-                Some((p, d)) if p.conn == t.conn => *d &= droppable,
-                _ => {
-                    if let Some((p, d)) = pending.replace((t, droppable)) {
-                        let frame = encoded.get_or_insert_with(encode);
-                        counts.offer(p, frame, d, &mut wake, &self.metrics);
-                    }
-                }
+                Some((_, d)) => *d &= droppable,
+                None => pending = Some((t, droppable)),
             }
         }
         if let Some((p, d)) = pending {
-            let frame = encoded.get_or_insert_with(encode);
-            counts.offer(p, frame, d, &mut wake, &self.metrics);
+            let frame = conn_frame(&mut encoded, &encode, &paused, seq.0, envelope);
+            counts.offer(p, &frame, d, &mut wake, &self.metrics);
         }
         let OfferCounts { delivered, dropped } = counts;
         // Counted before any writer can send them.

@@ -1922,6 +1922,7 @@ mod tests {
                 }
             )),
             path.prop_map(|(k, p)| Frame::Msg(Msg {
+                paused: None,
                 sub_id: None,
                 seq: 1,
                 envelope: envelope(k, &p),

@@ -212,6 +212,79 @@ async fn credit_caps_in_flight_and_the_rest_follows_in_order_after_acks() {
     assert!(until_pong(&mut s, 99).await.is_empty(), "no duplicate");
 }
 
+/// A live `Msg` for a neighbour on the connection names the subscriptions it matches whose
+/// delivery is paused (`Msg.paused`): the client must not hand that copy to them, as theirs
+/// follows in their catch-up, in order (PROTOCOL §3.5.5 "Paused beside other
+/// subscriptions"). Without the name, a client could only guess which copies were not its
+/// paused subscription's — taken, one moved its resume position past the messages the
+/// relay still owed it (found by `client/tests/mixed_load.rs` with reconnects). The
+/// catch-up's copies name the subscription they are for (`sub_id`); later live ones, once
+/// resumed, name nothing.
+#[tokio::test]
+async fn a_copy_sent_for_a_neighbour_names_the_paused_subscriptions() {
+    let relay = TestRelay::start(Config::ephemeral()).await;
+    let mut s = Client::tcp(relay.tcp()).await;
+    hello_flow(&mut s).await;
+    s.send(&qos1_sub(1, exact(1, &[1]), Some(1))).await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    s.send(&common::sub_frame(2, exact(1, &[1]))).await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    // A third subscription on another topic: never named (it does not match).
+    s.send(&qos1_sub(3, exact(1, &[2]), Some(1))).await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    let seqs = publish_acked(&mut p, &[1], 0, 3).await;
+    let got = msgs(until_pong(&mut s, 1).await);
+    let seen: Vec<(u64, Option<Vec<u64>>)> =
+        got.iter().map(|m| (m.seq, m.paused.clone())).collect();
+    assert_eq!(
+        seen,
+        vec![
+            (seqs[0], None),
+            (seqs[1], Some(vec![1])),
+            (seqs[2], Some(vec![1])),
+        ],
+        "the first for both; the rest for the QoS 0 neighbour only, naming the paused one"
+    );
+
+    // Acks free the credit: the catch-up sends the skipped ones, in order, each naming
+    // the subscription it is for (`sub_id`, live flags): a neighbour's catch-up copy is
+    // not another paused subscription's either.
+    s.send(&Frame::Ack(Ack {
+        seqs: vec![seqs[0]],
+    }))
+    .await;
+    let m = msgs(vec![s.recv().await]);
+    assert_eq!(
+        (m[0].seq, m[0].sub_id, m[0].flags, m[0].paused.clone()),
+        (seqs[1], Some(1), 0, None)
+    );
+    s.send(&Frame::Ack(Ack {
+        seqs: vec![seqs[1]],
+    }))
+    .await;
+    let m = msgs(vec![s.recv().await]);
+    assert_eq!(
+        (m[0].seq, m[0].sub_id, m[0].flags, m[0].paused.clone()),
+        (seqs[2], Some(1), 0, None)
+    );
+    s.send(&Frame::Ack(Ack {
+        seqs: vec![seqs[2]],
+    }))
+    .await;
+    // Resumed: the next live message reaches both, one copy naming nothing.
+    let live = publish_acked(&mut p, &[1], 10, 1).await;
+    let got = msgs(until_pong(&mut s, 2).await);
+    assert_eq!(
+        got.iter()
+            .map(|m| (m.seq, m.sub_id, m.paused.clone()))
+            .collect::<Vec<_>>(),
+        vec![(live[0], None, None)]
+    );
+}
+
 /// Without a credit in `Sub`, the relay's `max_unacked` applies; QoS 0 subscriptions are
 /// never paused.
 #[tokio::test]

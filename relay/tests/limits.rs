@@ -1149,6 +1149,7 @@ async fn protocol_order_and_version_errors() {
     let mut c = Client::tcp(relay.tcp()).await;
     c.hello().await;
     c.send(&Frame::Msg(Msg {
+        paused: None,
         sub_id: None,
         seq: 1,
         envelope: envelope(1, &[1]),

@@ -186,7 +186,8 @@ SCHEMA = {
     7: ("Msg", {1: ("seq", U, False, True, 0),
                 2: ("envelope", _envelope(), True, True, None),
                 3: ("flags", U, False, True, 0),
-                4: ("sub_id", U, False, False, None)}),
+                4: ("sub_id", U, False, False, None),
+                5: ("paused", ("array", _seqs), False, False, None)}),
     8: ("Ack", {1: ("seqs", ("array", _seqs), True, True, None)}),
     9: ("PubAck", {1: ("publish_id", _bstr(16, 16), True, True, None),
                    2: ("seq", U, False, True, 0)}),
@@ -265,7 +266,7 @@ def decode_frame(b):
             fields[key] = None
             continue
         name, (want, chk), req, always, default = spec
-        max_entries = 4096 if (ftype == 8 and key == 1) else 64
+        max_entries = 4096 if (ftype, key) in ((8, 1), (7, 5)) else 64
         item, i = decode_item(b, i, 1, max_entries=max_entries, max_depth=9)
         v = _check_type(want, item)
         if chk:

@@ -299,6 +299,20 @@ impl AckQueue {
         }
     }
 
+    /// Subscription `sub` is no longer owed `seq` (the relay's copy will not come): acked
+    /// once nothing else holds it. Nothing if it was not owed (its copy came already).
+    pub fn forgive_one(&mut self, sub: LocalSubId, seq: u64) {
+        let Some(o) = self.owed.get_mut(&sub) else {
+            return;
+        };
+        if o.remove(&seq) {
+            if o.is_empty() {
+                self.owed.remove(&sub);
+            }
+            self.forgive(seq);
+        }
+    }
+
     /// Releases every slot that can go, starting from `check`.
     fn release_from(&mut self, mut check: Vec<SlotId>) {
         while let Some(id) = check.pop() {

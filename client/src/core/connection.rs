@@ -921,6 +921,15 @@ impl Engine {
         }
     }
 
+    /// Forgives the acks owed to subscriptions for copies a relay named them paused in
+    /// that will not come (`ClientCore::take_forgiven`): each sequence is acked once
+    /// nothing else holds it.
+    fn forgive_paused(&mut self) {
+        for (sub, seq) in self.core.take_forgiven() {
+            self.acks.forgive_one(sub, seq);
+        }
+    }
+
     /// Forgets durable subscription `sub`'s copy of message `d` in `slot`.
     fn forget_copy(&mut self, d: receive::Digest, sub: LocalSubId, slot: SlotId) {
         if let Some(copies) = self.durable_copies.get_mut(&d) {
@@ -1316,6 +1325,7 @@ impl Engine {
                     Some(rid) => {
                         self.core.lost_while_paused(rid);
                         self.report_withheld();
+                        self.forgive_paused();
                         self.core.local_for(rid).into_iter().collect()
                     }
                     None => self
@@ -1559,9 +1569,15 @@ impl Engine {
                 .is_some_and(|s| s.outstanding < s.capacity || acks.holds(id, m.seq) == 1)
         };
         let delivery = self.core.receive_opened(m, opened, now.unix_ms, &room);
+        // Neighbours of a catch-up copy whose own copy follows: owed before this copy's
+        // slot can be released.
+        for (sub, seq) in self.core.take_owing() {
+            self.acks.owe(seq, sub);
+        }
         // A copy that reached every subscription a message was held back for ends what it
         // was held back from the others (`withheld`): told now, before what follows.
         self.report_withheld();
+        self.forgive_paused();
         let (msg, targets, held, digest) = match delivery {
             Delivery::Deliver {
                 msg,
@@ -1590,8 +1606,25 @@ impl Engine {
             Delivery::HeldBack => {
                 // No credit on an at-least-once subscription: never acked, redelivered.
                 if !routed.is_empty() {
-                    self.acks.held_back(m.seq, &routed);
-                    if self.acks.pending() > self.ack_slot_bound() {
+                    if m.sub_id.is_some() && m.flags == 0 {
+                        // A catch-up copy goes to its subscription alone; others take
+                        // their own copies of the sequence, whose acks would free this one
+                        // at the relay before it came again: owed to it until it does (it
+                        // comes again as a redelivery: the relay tracks it).
+                        for sub in &routed {
+                            self.acks.owe(m.seq, *sub);
+                        }
+                    } else {
+                        self.acks.held_back(m.seq, &routed);
+                    }
+                    // Debts are bounded too: a hand-over's by what its subscription
+                    // remembers held back (`MAX_HELD` each), these by the credit.
+                    let owed_bound = self
+                        .ack_slot_bound()
+                        .saturating_add(crate::core::MAX_HELD.saturating_mul(self.subs.len()));
+                    if self.acks.pending() > self.ack_slot_bound()
+                        || self.acks.owed_len() > owed_bound
+                    {
                         // Only a relay ignoring the credit gets here (an honest one has at
                         // most each subscription's credit unacknowledged): every message it
                         // sends past it waits in the ack queue behind the untaken one.

@@ -60,6 +60,7 @@ pub fn live_engine(
 /// `seq`, as the relay routes a publish.
 pub fn live_msg(seq: u64, envelope: whispeer::protocol::Envelope) -> frame::Msg {
     frame::Msg {
+        paused: None,
         sub_id: None,
         seq,
         envelope,

@@ -421,6 +421,7 @@ impl FakeRelay {
     /// subscription `sub_id` (history and retained values) or none (live).
     pub async fn msg(&self, seq: u64, envelope: &Envelope, flags: u64, sub_id: Option<u64>) {
         let m = frame::Msg {
+            paused: None,
             sub_id,
             seq,
             envelope: envelope.clone(),
