@@ -1316,7 +1316,8 @@ impl ClientCore {
                 | frame::features::DURABLE
                 | frame::features::FLOW_CONTROL
                 | frame::features::DURABLE_DELETE
-                | frame::features::HISTORY_END,
+                | frame::features::HISTORY_END
+                | frame::features::NAMED_COPIES,
             client: Some(client.to_owned()),
             auth: None,
             account: None,

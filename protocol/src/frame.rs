@@ -101,6 +101,13 @@ pub mod features {
     /// subscription of the connection (live `Msg`s name none) and takes the relay's copy
     /// after `ReplayDone`, in order.
     pub const HISTORY_END: u64 = 1 << 7;
+    /// Copies are addressed: the relay names the paused subscriptions a live copy for a
+    /// neighbour matches (`Msg.paused`), and the subscription a catch-up copy (or a live
+    /// message held back during its history) is for (`Msg.sub_id` with live flags). A
+    /// client that does not ask gets neither (a named catch-up copy would reach only the
+    /// named subscription, and such a client's dedup would drop another paused one's own
+    /// copy later).
+    pub const NAMED_COPIES: u64 = 1 << 8;
 }
 
 /// Picks the version both sides speak: the highest offered version this crate supports.

@@ -138,12 +138,23 @@ fn conn_frame(
     }))
 }
 
-/// Names paused subscription `sub` in its connection's copy (at most what a `Msg` may
-/// carry, [`MAX_ACKS_PER_FRAME`]: past that a client hands the copy to the rest as before
-/// this was named — out of order for them, never lost).
-fn name_paused(paused: &mut SmallVec<[u64; 2]>, sub: u64) {
-    if paused.len() < MAX_ACKS_PER_FRAME {
-        paused.push(sub);
+/// Names paused subscription `t` in its connection's copy, if its client asked for named
+/// copies (at most what a `Msg` may carry, [`MAX_ACKS_PER_FRAME`]: past that a client
+/// hands the copy to the rest as before this was named — out of order for them, never
+/// lost).
+fn name_paused(paused: &mut SmallVec<[u64; 2]>, t: &Target) {
+    if t.named && paused.len() < MAX_ACKS_PER_FRAME {
+        paused.push(t.sub.0);
+    }
+}
+
+/// The frame of a copy for `target` alone outside its history (its catch-up, or a live
+/// message held back during its history): named if its client asked for named copies.
+pub(crate) fn own_copy_frame(seq: u64, envelope: &Envelope, target: &Target) -> Bytes {
+    if target.named {
+        catch_up_frame(seq, envelope, target.sub.0)
+    } else {
+        msg_frame(seq, envelope, 0)
     }
 }
 
@@ -199,6 +210,8 @@ pub(crate) struct Target {
     pub(crate) sub: SubId,
     pub(crate) out: Arc<Outbound>,
     pub(crate) track: Option<Arc<Tracking>>,
+    /// Its client asked for addressed copies (`features::NAMED_COPIES`).
+    pub(crate) named: bool,
     gated: AtomicBool,
     gate: Mutex<Option<Gate>>,
     cancelled: AtomicBool,
@@ -317,6 +330,9 @@ enum Numbering {
 /// How a subscription starts.
 #[derive(Debug)]
 pub(crate) struct SubStart {
+    /// The client asked for addressed copies (`NAMED_COPIES`): its catch-up copies name
+    /// it, and its connection's live copies name it while it is paused.
+    pub(crate) named: bool,
     /// At-least-once tracking (QoS ≥ 1 or durable).
     pub(crate) track: Option<Arc<Tracking>>,
     /// History follows (the subscription starts gated).
@@ -494,6 +510,7 @@ impl Router {
             sub,
             out: out.clone(),
             track: start.track,
+            named: start.named,
             gated: AtomicBool::new(gated),
             gate: Mutex::new(gated.then(Gate::default)),
             cancelled: AtomicBool::new(false),
@@ -551,7 +568,7 @@ impl Router {
                 let now = Instant::now();
                 let mut paused = false;
                 let mut sent = 0;
-                for (seq, env, _, stored) in gate.buf.iter().take(n) {
+                for (seq, env, frame, stored) in gate.buf.iter().take(n) {
                     // Out of credit: the rest waits in the store (what the store does not
                     // keep is counted and reported with a Gap when delivery resumes); the
                     // ack that frees credit starts the catch-up (see `flow`).
@@ -569,11 +586,14 @@ impl Router {
                             break;
                         }
                     }
-                    // Named, as a catch-up's copy is: this subscription's alone (the
-                    // frame held is the shared live one).
-                    target
-                        .out
-                        .push_history(catch_up_frame(*seq, env, target.sub.0));
+                    // Named, as a catch-up's copy is, for a client that asked: this
+                    // subscription's alone (the frame held is the shared live one).
+                    let frame = if target.named {
+                        catch_up_frame(*seq, env, target.sub.0)
+                    } else {
+                        frame.clone()
+                    };
+                    target.out.push_history(frame);
                     sent += 1;
                 }
                 // Sent frames now count in the queue; the rest of a paused buffer (and a
@@ -956,11 +976,11 @@ impl Router {
                             Room::Full => t.out.count_full_pause(),
                             Room::OverBudget => t.out.count_budget_pause(),
                         }
-                        name_paused(&mut paused, t.sub.0);
+                        name_paused(&mut paused, t);
                         continue;
                     }
                     Delivery::Skipped => {
-                        name_paused(&mut paused, t.sub.0);
+                        name_paused(&mut paused, t);
                         continue;
                     }
                 }

@@ -827,7 +827,7 @@ impl Session {
         if offered & features::AT_LEAST_ONCE != 0 {
             offered |= features::FLOW_CONTROL;
         }
-        offered |= features::HISTORY_END;
+        offered |= features::HISTORY_END | features::NAMED_COPIES;
         self.granted = wanted & offered;
         let cfg = &self.shared.config;
         let welcome = Frame::Welcome(Welcome {
@@ -1094,6 +1094,7 @@ impl Session {
         });
         let want_retained = s.retained && replay.is_none() && supported & features::RETAIN != 0;
         let start = SubStart {
+            named: self.granted & features::NAMED_COPIES != 0,
             track: track.clone(),
             replay: replay.is_some(),
             retained: want_retained,
