@@ -965,7 +965,7 @@ fn is_redelivery(msg: &Msg) -> bool {
 /// catch-up after a pause, or live messages it held back during its history (PROTOCOL
 /// §3.5.5) — numbered, naming the subscription (`sub_id`), none of `REPLAYED`,
 /// `RETAINED`, `REDELIVERED`.
-fn is_catch_up(msg: &Msg) -> bool {
+pub(crate) fn is_catch_up(msg: &Msg) -> bool {
     let history =
         frame::msg_flags::REPLAYED | frame::msg_flags::RETAINED | frame::msg_flags::REDELIVERED;
     msg.seq > 0 && msg.sub_id.is_some() && msg.flags & history == 0
@@ -2132,9 +2132,7 @@ impl ClientCore {
         // A copy of the live kind a relay subscription of theirs took — unnamed, or naming
         // it (its catch-up's) — after copies naming it paused: its catch-up (in sequence
         // order) is past what it skipped below this one.
-        let history =
-            frame::msg_flags::REPLAYED | frame::msg_flags::RETAINED | frame::msg_flags::REDELIVERED;
-        if msg.seq > 0 && msg.flags & history == 0 {
+        if live_kind(msg) || is_catch_up(msg) {
             for id in &routed {
                 if self
                     .subs

@@ -211,6 +211,11 @@ enum Step {
         seq: u64,
         paused: Vec<u64>,
     },
+    /// The relay: a `Gap` of `dropped` naming (the newest relay subscription of) `id`.
+    GapNaming {
+        id: u64,
+        dropped: u64,
+    },
     /// The app publishes a fresh message on `topic` as `name`.
     Publish {
         name: &'static str,
@@ -577,6 +582,13 @@ impl Sim {
                     seq,
                     envelope,
                     flags: 0,
+                }));
+            }
+            Step::GapNaming { id, dropped } => {
+                let sub_id = *self.relay_ids[&id].last().unwrap();
+                self.feed(Frame::Gap(Gap {
+                    dropped,
+                    sub_id: Some(sub_id),
                 }));
             }
             Step::Publish {
@@ -4119,4 +4131,65 @@ fn cut_and_m2_resumed_for_1(attempt: u32, sub_ok_2: Step) -> Vec<Step> {
         ExpectEvent(Ev::Message { sub: 1, msg: "m2" }),
         ExpectNoEvent,
     ]
+}
+
+/// A sequence owed to a subscription named paused is acked once its own copy cannot come:
+/// a `Gap` naming it ends its catch-up (the store did not keep the message), or a later
+/// copy of its own stream shows the catch-up is past it. Without that the neighbour's ack
+/// stayed held for good, and the relay redelivered the message to the neighbour at every
+/// ack timeout.
+#[test]
+fn a_debt_to_a_paused_subscription_ends_with_its_gap_or_its_own_later_copy() {
+    let mut steps = paused_beside_a_neighbour();
+    steps.extend([
+        DeliverPaused {
+            msg: "m2",
+            seq: 2,
+            paused: vec![1],
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
+        Take(1),
+        Take(2),
+        Take(2),
+        Timeout,
+        // 2 owed to subscription 1.
+        ExpectTx(Tx::Ack(vec![1])),
+    ]);
+    let mut by_gap = steps.clone();
+    by_gap.extend([
+        GapNaming { id: 1, dropped: 1 },
+        ExpectEvent(Ev::Gap {
+            dropped: 1,
+            subs: vec![1],
+        }),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![2])),
+        ExpectNoTx,
+    ]);
+    play("owed, ended by a Gap", || Sim::new(|_| {}), &by_gap);
+    let mut by_own = steps;
+    by_own.extend([
+        Seal {
+            name: "m3",
+            topic: "h/c",
+        },
+        // Resumed: a live copy for both.
+        Deliver {
+            msg: "m3",
+            seq: 3,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m3" }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m3" }),
+        Take(1),
+        Take(2),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![2, 3])),
+        ExpectNoTx,
+    ]);
+    play(
+        "owed, ended by its own stream",
+        || Sim::new(|_| {}),
+        &by_own,
+    );
 }

@@ -45,7 +45,7 @@ use crate::ids::Seq;
 use crate::metrics::Metrics;
 use crate::outbound::ReadHold;
 use crate::relay::Shared;
-use crate::router::{own_copy_frame, Target};
+use crate::router::{msg_frame, own_copy_frame, Target};
 use crate::store::{
     Admission, DurableKey, ReadLimit, ReadPlan, StoreError, Tenant, READ_CHUNK_BYTES,
 };
@@ -1395,7 +1395,9 @@ async fn run(
                 // connection matching it took it too — one the relay had paused as well,
                 // before its own catch-up's earlier messages (found by
                 // `client/tests/mixed_load.rs`).
-                let frame = own_copy_frame(m.seq.0, &m.envelope, target);
+                let frame = own_copy_frame(m.seq.0, &m.envelope, target, || {
+                    msg_frame(m.seq.0, &m.envelope, 0)
+                });
                 hold.push(frame, m.envelope.len());
                 sent += 1;
                 if target.out.is_closing() {

@@ -149,19 +149,20 @@ fn name_paused(paused: &mut SmallVec<[u64; 2]>, t: &Target) {
 }
 
 /// The frame of a copy for `target` alone outside its history (its catch-up, or a live
-/// message held back during its history): named if its client asked for named copies.
-pub(crate) fn own_copy_frame(seq: u64, envelope: &Envelope, target: &Target) -> Bytes {
+/// message held back during its history, PROTOCOL §3.5.5): live flags, naming it if its
+/// client asked for named copies; else the live frame (`unnamed`: one already encoded, or
+/// a new encoding).
+pub(crate) fn own_copy_frame(
+    seq: u64,
+    envelope: &Envelope,
+    target: &Target,
+    unnamed: impl FnOnce() -> Bytes,
+) -> Bytes {
     if target.named {
-        catch_up_frame(seq, envelope, target.sub.0)
+        encode_msg(seq, envelope, 0, Some(target.sub.0))
     } else {
-        msg_frame(seq, envelope, 0)
+        unnamed()
     }
-}
-
-/// Encodes a `Msg` of subscription `sub_id`'s catch-up (PROTOCOL §3.5.5): live flags, but
-/// named, as it is sent for that subscription alone.
-pub(crate) fn catch_up_frame(seq: u64, envelope: &Envelope, sub_id: u64) -> Bytes {
-    encode_msg(seq, envelope, 0, Some(sub_id))
 }
 
 /// Encodes a history `Msg` (replayed or retained) for subscription `sub_id`.
@@ -588,12 +589,9 @@ impl Router {
                     }
                     // Named, as a catch-up's copy is, for a client that asked: this
                     // subscription's alone (the frame held is the shared live one).
-                    let frame = if target.named {
-                        catch_up_frame(*seq, env, target.sub.0)
-                    } else {
-                        frame.clone()
-                    };
-                    target.out.push_history(frame);
+                    target
+                        .out
+                        .push_history(own_copy_frame(*seq, env, target, || frame.clone()));
                     sent += 1;
                 }
                 // Sent frames now count in the queue; the rest of a paused buffer (and a

@@ -925,9 +925,15 @@ impl Engine {
     /// that will not come (`ClientCore::take_forgiven`): each sequence is acked once
     /// nothing else holds it.
     fn forgive_paused(&mut self) {
-        for (sub, seq) in self.core.take_forgiven() {
+        let forgiven = self.core.take_forgiven();
+        if forgiven.is_empty() {
+            return;
+        }
+        for (sub, seq) in forgiven {
             self.acks.forgive_one(sub, seq);
         }
+        // Released now (a `Gap` releases nothing else): scheduled like any released ack.
+        self.queue_acks();
     }
 
     /// Forgets durable subscription `sub`'s copy of message `d` in `slot`.
@@ -1606,7 +1612,7 @@ impl Engine {
             Delivery::HeldBack => {
                 // No credit on an at-least-once subscription: never acked, redelivered.
                 if !routed.is_empty() {
-                    if m.sub_id.is_some() && m.flags == 0 {
+                    if crate::core::is_catch_up(m) {
                         // A catch-up copy goes to its subscription alone; others take
                         // their own copies of the sequence, whose acks would free this one
                         // at the relay before it came again: owed to it until it does (it
