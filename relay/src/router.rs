@@ -635,6 +635,9 @@ impl Router {
             None => false,
             Some(lost) => {
                 if lost > 0 {
+                    // Counted before the Gap is queued: whoever reads the Gap then finds
+                    // the loss in the metrics too.
+                    self.metrics.credit_lost(lost);
                     // Told to the subscription that lost them (a `Gap` naming it), after
                     // the last message its catch-up queued: a client cannot tell from a
                     // count for the whole connection which of its subscriptions lost
@@ -646,7 +649,6 @@ impl Router {
                             dropped: lost,
                             sub_id: Some(target.sub.0),
                         })));
-                    self.metrics.credit_lost(lost);
                 }
                 true
             }
