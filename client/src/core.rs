@@ -204,6 +204,20 @@ struct LocalSub {
     /// order or not, never lost); emptied on every `Sub` (a new relay subscription
     /// resumes by position).
     behind: std::collections::BTreeSet<(whispeer_protocol::KeyId, u64)>,
+    /// Sequences (by key id) whose copy held back was this subscription's own, not in
+    /// `behind`: the relay sent it for this subscription (naming it, as a redelivery, or
+    /// live while it was not paused, [`ClientCore::sent_to`]) and tracks it until acked —
+    /// the client acks no sequence it held back — so it comes again as a redelivery after
+    /// the relay's ack timeout, *out of order*: nothing to hold later copies back for (the
+    /// order rule is for what a paused subscription's catch-up sends in order), and neither
+    /// a later copy of its own stream nor a `Gap` ending its catch-up settles it — only a
+    /// copy of that sequence. Until then its resume position stays below it: a cut resumes
+    /// it from there ([`LocalSub::resume_below_sent_back`]). Before: a later copy of its
+    /// own history settled it and moved the position past it, and the `Gap` ending its
+    /// catch-up forgave it, so the redelivery, a duplicate of a neighbour's copy by then,
+    /// was dropped (found by `tests/mixed_load.rs` with cuts). At most [`MAX_GOT`] (once
+    /// full it is emptied). Emptied on every `Sub`.
+    sent_back: std::collections::BTreeSet<(whispeer_protocol::KeyId, u64)>,
     /// Its own retained values (`RETAINED`, naming it) held back on this connection for
     /// want of room, by relay sequence: the relay sends retained values under the credit
     /// and tracks them (PROTOCOL §3.5.5), so it sends such a value again as a redelivered
@@ -459,15 +473,36 @@ impl LocalSub {
     /// nothing later of its key id that another subscription could have been sent is
     /// taken before it (see `behind`).
     fn missed(&mut self, msg: &Msg) {
+        self.missed_copy(msg, false);
+    }
+
+    /// [`LocalSub::missed`]; `sent`: the copy held back was its own (see `sent_back`).
+    fn missed_copy(&mut self, msg: &Msg, sent: bool) {
         if msg.seq == 0 {
             return; // unnumbered: never sent again
         }
         let key = (msg.envelope.key_id(), msg.seq);
-        if self.behind.len() >= MAX_GOT && !self.behind.contains(&key) {
+        let set = if sent {
+            &mut self.sent_back
+        } else {
+            &mut self.behind
+        };
+        if set.len() >= MAX_GOT && !set.contains(&key) {
             // Bounded: what it awaited is taken as it comes (in order or not, never lost).
-            self.behind.clear();
+            set.clear();
         }
-        self.behind.insert(key);
+        set.insert(key);
+    }
+
+    /// Its connection is gone with copies of its own held back and not come again
+    /// (`sent_back`): each key id's resume position goes below the first of them, so the
+    /// resume history brings them (and the dedup window drops what it had after them).
+    /// Kept lowered — a second cut before they came resumes from there again.
+    fn resume_below_sent_back(&mut self) {
+        for (key, seq) in std::mem::take(&mut self.sent_back) {
+            let pos = self.positions.get(&key).copied().unwrap_or(self.last_seq);
+            self.positions.insert(key, pos.min(seq - 1));
+        }
     }
 
     /// It took `msg` (or passed it as a placeholder). A copy of a sequence it awaited:
@@ -951,6 +986,10 @@ pub struct ClientCore {
     forgiven: Vec<(LocalSubId, u64)>,
     /// Acks to hold for subscriptions whose own copy follows ([`ClientCore::take_owing`]).
     owing: Vec<(LocalSubId, u64)>,
+    /// The relay of this connection granted `NAMED_COPIES` (PROTOCOL §3.4.6): a live copy
+    /// that names no subscription paused is a copy for every matching subscription it
+    /// routed it to ([`ClientCore::relay_features`]).
+    named_copies: bool,
 }
 
 /// Whether `msg` is a redelivered copy of the live kind (`REDELIVERED` alone, no `sub_id`):
@@ -1171,6 +1210,31 @@ impl ClientCore {
             resume_new: Default::default(),
             forgiven: Vec::new(),
             owing: Vec::new(),
+            named_copies: false,
+        }
+    }
+
+    /// The features the relay of a new connection granted (`Welcome.features`): call
+    /// before [`ClientCore::resubscribe_all`].
+    pub fn relay_features(&mut self, features: u64) {
+        self.named_copies = features & frame::features::NAMED_COPIES != 0;
+    }
+
+    /// Whether the relay sent `msg` for subscription `id` itself (not a neighbour's copy
+    /// reaching it, whose own copy the relay still owes it from its store): it names `id`,
+    /// it is a redelivery `id` takes, or a live copy the relay sent every matching
+    /// subscription it did not name paused (a relay granting `NAMED_COPIES`; otherwise
+    /// only when no other subscription could have been sent it). Held back, such a copy
+    /// comes again as a redelivery (`LocalSub::sent_back`).
+    fn sent_to(&self, id: LocalSubId, msg: &Msg) -> bool {
+        let Some(s) = self.subs.get(&id) else {
+            return false;
+        };
+        match msg.sub_id {
+            _ if msg.seq == 0 => false,
+            Some(rid) => s.relay_ids.contains(&rid),
+            None if is_redelivery(msg) => s.takes_redelivered(msg),
+            None => live_kind(msg) && (self.named_copies || !self.live_for_another(id, msg)),
         }
     }
 
@@ -1358,6 +1422,7 @@ impl ClientCore {
         let Some(sub) = self.subs.get_mut(&id) else {
             return Vec::new();
         };
+        sub.resume_below_sent_back();
         let resuming = sub.last_seq > 0 && sub.opts.durable.is_none();
         let replay = if resuming {
             // Checked: a relay that sent seq u64::MAX gets asked for it again (dedup drops
@@ -1554,6 +1619,7 @@ impl ClientCore {
                 relay_ids: Vec::new(),
                 starts: Vec::new(),
                 behind: Default::default(),
+                sent_back: Default::default(),
                 held_retained: Default::default(),
                 unnumbered: false,
                 last_seq: 0,
@@ -2054,6 +2120,11 @@ impl ClientCore {
                 }
                 Err(_) => Vec::new(),
             };
+            let sent: Vec<LocalSubId> = causes
+                .iter()
+                .copied()
+                .filter(|id| self.sent_to(*id, msg))
+                .collect();
             let subs = &self.subs;
             let denied = routed
                 .iter()
@@ -2063,14 +2134,18 @@ impl ClientCore {
                 msg.seq,
                 msg.envelope.key_id(),
                 digest,
-                &causes,
-                &owed,
+                withheld::HeldFor {
+                    causes: &causes,
+                    owed: &owed,
+                    sent: &sent,
+                },
                 denied,
             );
             // Not taken by any of them: each awaits it again, before later ones.
             for id in &routed {
+                let sent = self.sent_to(*id, msg);
                 if let Some(s) = self.subs.get_mut(id).filter(|s| s.opts.acking()) {
-                    s.missed(msg);
+                    s.missed_copy(msg, sent);
                 }
             }
             // Its own retained value: the relay's redelivered copy of it is its own.
@@ -2114,6 +2189,10 @@ impl ClientCore {
         }
         // Taken (or passed) by the at-least-once ones: what they awaited up to it came.
         for id in &routed {
+            if let Some(s) = self.subs.get_mut(id).filter(|s| !s.sent_back.is_empty()) {
+                // Its own copy held back came again (`sent_back`).
+                s.sent_back.remove(&(msg.envelope.key_id(), msg.seq));
+            }
             let Some(s) = self.subs.get(id) else { continue };
             if s.behind.is_empty()
                 || !s.opts.acking()

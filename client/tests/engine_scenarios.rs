@@ -4193,3 +4193,117 @@ fn a_debt_to_a_paused_subscription_ends_with_its_gap_or_its_own_later_copy() {
         &by_own,
     );
 }
+
+/// After [`two_subs_with_m1`] and a reconnect: subscription 1 (room for one) is handed
+/// `m2` from its resume history and holds it untaken, so its history copy of `m3` is held
+/// back for want of room; 1 takes `m2`, subscription 2's history delivers both, and 1's
+/// goes on with `m4`. `m3` was sent to 1 and never acked: the relay sends it again, as a
+/// redelivery after its ack timeout — out of order, after `m4` — unless 2's ack of its own
+/// copy of `m3` frees it at the relay first (an `Ack` frees a sequence for the whole
+/// connection): that ack waits for 1's copy.
+fn own_history_copy_held_back() -> Vec<Step> {
+    let mut steps = two_subs_with_m1(qos1().capacity(16));
+    steps.extend(taken_and_resumed(9));
+    for (name, topic) in [("m3", "h/c"), ("m4", "h/d")] {
+        steps.push(Seal { name, topic });
+    }
+    steps.extend([
+        history("m2", 2, 1),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m2" }),
+        history("m3", 3, 1),
+        ExpectNoEvent,
+        ExpectStat(Stat::HeldBack, 1),
+        // Its held-back slot leaves the ack queue now, unacked.
+        Take(1),
+        history("m2", 2, 2),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
+        history("m3", 3, 2),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m3" }),
+        history("m4", 4, 1),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m4" }),
+        ExpectNoEvent,
+    ]);
+    steps
+}
+
+/// A subscription's own copy held back for want of room is still owed to it after later
+/// copies of its own stream and the end of its catch-up: the relay sent that copy, so it
+/// sends it again as a redelivery (it is never acked meanwhile), and a cut before that
+/// resumes the subscription from before it. Before: the later copy settled what it
+/// awaited ("the relay sends what it owes in order" holds for a catch-up, not for a copy
+/// sent and never acked) and moved its resume position past it, and the `Gap` ending its
+/// catch-up forgave it — the redelivery, a duplicate of 2's copy in the window, was
+/// dropped, and a cut lost it for good (found by `tests/mixed_load.rs` with cuts).
+#[test]
+fn an_own_copy_held_back_for_want_of_room_comes_again_after_later_ones() {
+    let mut redelivered = own_history_copy_held_back();
+    redelivered.extend([
+        ReplayDone { id: 1, seq: 9 },
+        ExpectEvent(Ev::ReplayDone { sub: 1, seq: 9 }),
+        ReplayDone { id: 2, seq: 9 },
+        ExpectEvent(Ev::ReplayDone { sub: 2, seq: 9 }),
+        GapNaming { id: 1, dropped: 1 },
+        ExpectEvent(Ev::Gap {
+            dropped: 1,
+            subs: vec![1],
+        }),
+        Take(1),
+        Take(2),
+        Take(2),
+        Timeout,
+        // Everything but 3: 1 never took it (2 twice: a slot each, 1's taken first).
+        ExpectTx(Tx::Ack(vec![2, 4, 2])),
+        ExpectNoTx,
+        Deliver {
+            msg: "m3",
+            seq: 3,
+            flags: msg_flags::REDELIVERED,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m3" }),
+        ExpectEvent(Ev::Placeholder { sub: 2 }),
+        ExpectNoEvent,
+        Take(1),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![3])),
+        ExpectNoTx,
+    ]);
+    play(
+        "own copy held back, redelivered",
+        || Sim::new(|c| c.sub_capacity = 1),
+        &redelivered,
+    );
+
+    let resume = |sub, from| {
+        ExpectTx(Tx::Sub {
+            sub,
+            replay: Some(Replay::FromSeq(from)),
+            retained: false,
+            durable: None,
+        })
+    };
+    let mut cut = own_history_copy_held_back();
+    cut.extend([
+        Take(1),
+        Drop,
+        lost(Why::Transport, Some(2)),
+        Redial,
+        // 1 from 3, the copy it never took; 2 after m3.
+        resume(1, 3),
+        resume(2, 4),
+        ExpectEvent(Ev::Connected),
+        SubOkHistory { id: 1, seq: 9 },
+        SubOkHistory { id: 2, seq: 9 },
+        history("m3", 3, 1),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m3" }),
+        Take(1),
+        // m4 it had: a placeholder.
+        history("m4", 4, 1),
+        ExpectEvent(Ev::Placeholder { sub: 1 }),
+        ExpectNoEvent,
+    ]);
+    play(
+        "own copy held back, cut",
+        || Sim::new(|c| c.sub_capacity = 1),
+        &cut,
+    );
+}

@@ -1169,6 +1169,7 @@ impl Engine {
                 };
                 self.core.enter_seq_space(space);
                 self.relay_features = w.features;
+                self.core.relay_features(w.features);
                 self.phase = Phase::Live {
                     conn,
                     heartbeat_ms,
@@ -1612,11 +1613,14 @@ impl Engine {
             Delivery::HeldBack => {
                 // No credit on an at-least-once subscription: never acked, redelivered.
                 if !routed.is_empty() {
-                    if crate::core::is_catch_up(m) {
-                        // A catch-up copy goes to its subscription alone; others take
-                        // their own copies of the sequence, whose acks would free this one
-                        // at the relay before it came again: owed to it until it does (it
-                        // comes again as a redelivery: the relay tracks it).
+                    if m.sub_id.is_some() {
+                        // A copy naming its subscription (its catch-up, history, hand-over
+                        // or retained value) goes to it alone; others take their own copies
+                        // of the sequence, whose acks would free this one at the relay
+                        // before it came again: owed to it until it does (it comes again as
+                        // a redelivery: the relay tracks it). Found for history copies by
+                        // `tests/mixed_load.rs` with cuts: the held-back slot, released at
+                        // once, no longer kept the neighbour's later copy from acking it.
                         for sub in &routed {
                             self.acks.owe(m.seq, *sub);
                         }

@@ -59,6 +59,21 @@ struct Entry {
     /// own history copy held back after a neighbour's delivered it): their later copy
     /// passes the client-wide dedup for them ([`Withheld::is_owed`]).
     owed: Vec<LocalSubId>,
+    /// Causes whose own copy was held back (the relay sent it for them and tracks it until
+    /// acked): the end of their catch-up does not end their wait, the redelivery does.
+    sent: Vec<LocalSubId>,
+}
+
+/// The subscriptions a held-back copy was held back for ([`Withheld::hold`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeldFor<'a> {
+    /// The at-least-once subscriptions it was held back for.
+    pub causes: &'a [LocalSubId],
+    /// Those of them that never had the message.
+    pub owed: &'a [LocalSubId],
+    /// Those of them the relay sent this copy for (their own: it comes again as a
+    /// redelivery, whatever their catch-up does).
+    pub sent: &'a [LocalSubId],
 }
 
 /// The table (see the module docs).
@@ -75,18 +90,19 @@ impl Withheld {
         self.by_seq.is_empty()
     }
 
-    /// Sequence `seq` (key id `key`) was held back for `causes`, of which `owed` never had
-    /// the message; `denied` (with whether each acknowledges) were routed it too and got
-    /// nothing.
+    /// Sequence `seq` (key id `key`) was held back for `held.causes`, of which `owed` never
+    /// had the message and `sent` were sent this copy as their own (it comes again as a
+    /// redelivery, whatever their catch-up does); `denied` (with whether each
+    /// acknowledges) were routed it too and got nothing.
     pub(crate) fn hold(
         &mut self,
         seq: u64,
         key: KeyId,
         digest: Option<Digest>,
-        causes: &[LocalSubId],
-        owed: &[LocalSubId],
+        held: HeldFor<'_>,
         denied: impl IntoIterator<Item = (LocalSubId, bool)>,
     ) {
+        let HeldFor { causes, owed, sent } = held;
         let mut denied = denied.into_iter().peekable();
         if seq == 0
             || (denied.peek().is_none() && owed.is_empty() && !self.by_seq.contains_key(&seq))
@@ -99,10 +115,16 @@ impl Withheld {
             causes: Vec::new(),
             denied: Vec::new(),
             owed: Vec::new(),
+            sent: Vec::new(),
         });
         for c in causes {
             if !e.causes.contains(c) {
                 e.causes.push(*c);
+            }
+        }
+        for c in sent {
+            if !e.sent.contains(c) {
+                e.sent.push(*c);
             }
         }
         // One held back for itself now awaits its own copy: not denied, still owed it.
@@ -173,13 +195,15 @@ impl Withheld {
 
     /// The relay ended the catch-up of subscription `cause` for key id `key` (its named
     /// `Gap`), or `cause` went away (`key` `None`: every key id): what it alone held back
-    /// is not coming again.
+    /// is not coming again — but for the copies of its own held back (`Entry::sent`),
+    /// which the relay redelivers after its catch-up as before it.
     pub(crate) fn cause_done(&mut self, cause: LocalSubId, key: Option<KeyId>) {
         let mut touched = Vec::new();
         for (seq, e) in &mut self.by_seq {
-            if key.is_some_and(|k| k != e.key) {
+            if key.is_some_and(|k| k != e.key || e.sent.contains(&cause)) {
                 continue;
             }
+            e.sent.retain(|c| *c != cause);
             e.causes.retain(|c| *c != cause);
             // Its catch-up ended (or it went away): nothing more comes for it.
             e.owed.retain(|o| *o != cause);
@@ -255,6 +279,14 @@ mod tests {
     const K2: KeyId = KeyId::from_bytes([2; 16]);
     const D: Digest = 7;
 
+    fn held<'a>(causes: &'a [LocalSubId], owed: &'a [LocalSubId]) -> HeldFor<'a> {
+        HeldFor {
+            causes,
+            owed,
+            sent: &[],
+        }
+    }
+
     fn denied(ids: &[LocalSubId]) -> Vec<(LocalSubId, bool)> {
         ids.iter().map(|i| (*i, false)).collect()
     }
@@ -264,9 +296,9 @@ mod tests {
     #[test]
     fn a_denied_subscription_loses_what_the_catch_up_did_not_bring() {
         let mut w = Withheld::default();
-        w.hold(5, K, Some(D), &[1], &[], denied(&[2]));
-        w.hold(6, K, Some(D), &[1], &[], denied(&[2]));
-        w.hold(7, K, Some(D), &[1], &[], denied(&[2, 3]));
+        w.hold(5, K, Some(D), held(&[1], &[]), denied(&[2]));
+        w.hold(6, K, Some(D), held(&[1], &[]), denied(&[2]));
+        w.hold(7, K, Some(D), held(&[1], &[]), denied(&[2, 3]));
         // The catch-up's copy of 5 reached 2; a redelivered copy of 7 was for 1 and 3
         // only (2 takes none): 7 comes to 2 no more.
         w.handled(5, &[1, 2], &[1, 2]);
@@ -285,7 +317,13 @@ mod tests {
     #[test]
     fn a_redelivery_that_reaches_every_cause_ends_the_wait() {
         let mut w = Withheld::default();
-        w.hold(5, K, Some(D), &[1, 4], &[], vec![(2, false), (3, true)]);
+        w.hold(
+            5,
+            K,
+            Some(D),
+            held(&[1, 4], &[]),
+            vec![(2, false), (3, true)],
+        );
         w.handled(5, &[1], &[1]);
         assert!(w.take_lost().is_empty(), "4 may still bring it");
         // 4 had it already (a duplicate for it: handed nothing, but a copy for it).
@@ -302,7 +340,7 @@ mod tests {
     #[test]
     fn owed_only_for_the_message_held_back() {
         let mut w = Withheld::default();
-        w.hold(5, K, Some(D), &[1], &[1], denied(&[2]));
+        w.hold(5, K, Some(D), held(&[1], &[1]), denied(&[2]));
         assert!(w.is_owed(5, 1, D) && w.is_owed(5, 2, D));
         assert!(!w.is_owed(5, 1, D + 1) && !w.is_owed(5, 2, D + 1));
         assert!(!w.is_owed(6, 2, D));
@@ -313,7 +351,7 @@ mod tests {
     #[test]
     fn only_a_copy_handed_over_settles_a_denied_subscription() {
         let mut w = Withheld::default();
-        w.hold(5, K, Some(D), &[1], &[], denied(&[2]));
+        w.hold(5, K, Some(D), held(&[1], &[]), denied(&[2]));
         w.handled(5, &[], &[2]);
         assert!(w.is_owed(5, 2, D), "routed a copy, handed nothing");
         assert!(w.take_lost().is_empty(), "1 may still bring it");
@@ -327,8 +365,8 @@ mod tests {
     #[test]
     fn every_cause_must_end_and_only_for_its_key_id() {
         let mut w = Withheld::default();
-        w.hold(5, K, Some(D), &[1], &[], denied(&[3]));
-        w.hold(5, K, Some(D), &[2], &[], denied(&[3]));
+        w.hold(5, K, Some(D), held(&[1], &[]), denied(&[3]));
+        w.hold(5, K, Some(D), held(&[2], &[]), denied(&[3]));
         w.cause_done(1, Some(K2));
         w.cause_done(1, Some(K));
         assert!(w.take_lost().is_empty(), "2 may still bring it");
@@ -340,25 +378,51 @@ mod tests {
     /// told nothing and ends what it caused; a reconnect tells only those that do not
     /// acknowledge; past the bound the oldest is forgotten unreported; sequence 0 is never
     /// tracked.
+    /// A cause whose own copy was held back (the relay sent it for that one) still awaits
+    /// its redelivery after the `Gap` ending its catch-up: the copy stays owed to it, and
+    /// the others denied it are not told of a loss until that copy came.
+    #[test]
+    fn a_gap_does_not_end_the_wait_for_a_copy_sent_as_the_causes_own() {
+        let mut w = Withheld::default();
+        let sent = HeldFor {
+            causes: &[1],
+            owed: &[1],
+            sent: &[1],
+        };
+        w.hold(5, K, Some(D), sent, denied(&[2]));
+        w.cause_done(1, Some(K));
+        assert!(w.is_owed(5, 1, D), "its redelivery is still its own");
+        assert!(w.take_lost().is_empty());
+        // The redelivery reaches 1 (2 takes no redelivery): lost to 2 now.
+        w.handled(5, &[1], &[1]);
+        assert_eq!(w.take_lost(), vec![(2, 1)]);
+        assert!(!w.is_owed(5, 1, D));
+        // Gone, it awaits nothing.
+        w.hold(6, K, Some(D), sent, denied(&[2]));
+        w.forget(1);
+        assert!(!w.is_owed(6, 1, D));
+        assert_eq!(w.take_lost(), vec![(2, 1)]);
+    }
+
     #[test]
     fn causes_gone_subscriptions_reconnects_and_the_bound() {
         let mut w = Withheld::default();
-        w.hold(5, K, Some(D), &[1], &[], denied(&[2]));
-        w.hold(5, K, Some(D), &[2], &[], std::iter::empty());
+        w.hold(5, K, Some(D), held(&[1], &[]), denied(&[2]));
+        w.hold(5, K, Some(D), held(&[2], &[]), std::iter::empty());
         w.cause_done(1, Some(K));
         assert!(w.take_lost().is_empty(), "2 awaits its own copy now");
-        w.hold(6, K, Some(D), &[1], &[], denied(&[2, 3]));
+        w.hold(6, K, Some(D), held(&[1], &[]), denied(&[2, 3]));
         w.forget(2);
         w.forget(1);
         assert_eq!(w.take_lost(), vec![(3, 1)]);
-        w.hold(7, K, Some(D), &[1], &[], vec![(2, false), (3, true)]);
+        w.hold(7, K, Some(D), held(&[1], &[]), vec![(2, false), (3, true)]);
         // 3 acknowledges: still owed it, carried to its resumed history.
         assert_eq!(w.connection_lost(), vec![(3, D)]);
         assert_eq!(w.take_lost(), vec![(2, 1)]);
-        w.hold(0, K, Some(D), &[1], &[], denied(&[2]));
+        w.hold(0, K, Some(D), held(&[1], &[]), denied(&[2]));
         assert!(w.is_empty());
         for seq in 1..=MAX_WITHHELD as u64 + 2 {
-            w.hold(seq, K, Some(D), &[1], &[], denied(&[2]));
+            w.hold(seq, K, Some(D), held(&[1], &[]), denied(&[2]));
         }
         assert!(
             w.take_lost().is_empty(),
