@@ -1423,7 +1423,17 @@ impl ClientCore {
             return Vec::new();
         };
         sub.resume_below_sent_back();
-        let resuming = sub.last_seq > 0 && sub.opts.durable.is_none();
+        // Also an at-least-once one that handled nothing yet but knows where its live
+        // messages began (a `SubOk.seq` in `positions`): what was stored while it was away
+        // is in its resume history. Before, it started live again and lost every stored
+        // message published while it was disconnected (found by `tests/mixed_load.rs` with
+        // cuts, on a relay whose sequence was still 0). An at-most-once one starts live
+        // again until it handled a stored message (with its retained values, if asked).
+        // (Not while its hand-over — retained values, say — has not ended: then it asks for
+        // them again.)
+        let resuming = (sub.last_seq > 0
+            || (sub.opts.acking() && !sub.positions.is_empty() && sub.held.is_empty()))
+            && sub.opts.durable.is_none();
         let replay = if resuming {
             // Checked: a relay that sent seq u64::MAX gets asked for it again (dedup drops
             // it), never for everything from 0.
@@ -1445,14 +1455,17 @@ impl ClientCore {
             sub.resumed = true;
         }
         // Per pattern: after its own key id's position (see `positions`).
+        // A key id without a position of its own: after the last sequence it handled — or,
+        // if it handled none, as first asked (never its whole history).
+        let asked = sub.opts.replay;
         let replay_for = |sub: &LocalSub, key: &whispeer_protocol::KeyId| match replay {
-            Some(frame::Replay::FromSeq(_)) if resuming => Some(frame::Replay::FromSeq(
-                sub.positions
-                    .get(key)
-                    .copied()
-                    .unwrap_or(sub.last_seq)
-                    .saturating_add(1),
-            )),
+            Some(frame::Replay::FromSeq(_)) if resuming => match sub.positions.get(key) {
+                Some(p) => Some(frame::Replay::FromSeq(p.saturating_add(1))),
+                None if sub.last_seq > 0 => {
+                    Some(frame::Replay::FromSeq(sub.last_seq.saturating_add(1)))
+                }
+                None => asked,
+            },
             other => other,
         };
         sub.replaying.clear();
@@ -4170,12 +4183,11 @@ mod tests {
 
         // A new connection: each starts at its new `SubOk`. 1 to 5 handled 6, so they
         // resume in history from 7 (the live-only and retained ones too: the relay sends
-        // what came while they were away), the durable from the relay's floor; 7 handled
-        // nothing: live only again.
-        core.subscribe_with_options(7, f("c/#"), o(), NOW).unwrap();
-        confirm(&mut core, &[7], 6);
+        // what came while they were away), the durable from the relay's floor; 7,
+        // subscribed on the new connection, is live only.
         assert!(core.enter_seq_space(SeqSpace::Named([1; 16])));
         let _ = core.resubscribe_all(NOW);
+        core.subscribe_with_options(7, f("c/#"), o(), NOW).unwrap();
         assert_eq!(
             redelivered(&mut core, 8),
             (Some(everyone.clone()), everyone.clone())

@@ -1265,8 +1265,15 @@ fn reconnect_mid_publish() {
         },
         ExpectNoTx,
         Redial,
-        // Subscriptions first, then the kept publishes in order, with the same ids.
-        fresh_sub(1),
+        // Subscriptions first, then the kept publishes in order, with the same ids. The
+        // at-least-once subscription resumes after its boundary (`SubOk.seq` 0): what
+        // was stored while it was away comes in its resume history.
+        ExpectTx(Tx::Sub {
+            sub: 1,
+            replay: Some(Replay::FromSeq(1)),
+            retained: false,
+            durable: None,
+        }),
         ExpectTx(Tx::Pub("p1")),
         ExpectTx(Tx::Pub("p2")),
         ExpectTx(Tx::Pub("p3")),
@@ -4306,4 +4313,48 @@ fn an_own_copy_held_back_for_want_of_room_comes_again_after_later_ones() {
         || Sim::new(|c| c.sub_capacity = 1),
         &cut,
     );
+}
+
+/// An at-least-once subscription confirmed (`SubOk.seq` 3) that was delivered nothing
+/// yet resumes after that boundary when the connection drops: a message stored while it was
+/// away comes in its resume history. Before, it started live again and lost every stored
+/// message published while it was disconnected (found by `tests/mixed_load.rs` with cuts).
+/// An at-most-once neighbour starts live again (with its retained values).
+#[test]
+fn an_at_least_once_subscription_that_got_nothing_yet_resumes_after_its_boundary() {
+    let mut steps = connected_with(vec![
+        sub(1, "h/#", qos1()),
+        ExpectTx(Tx::Sub {
+            sub: 1,
+            replay: None,
+            retained: true,
+            durable: None,
+        }),
+        SubOk { id: 1, seq: 3 },
+        ExpectEvent(Ev::SubscribeOk(1)),
+    ]);
+    steps.extend(live_sub(2, "h/#", SubscribeOptions::new()));
+    steps.extend([
+        Seal {
+            name: "m4",
+            topic: "h/a",
+        },
+        Drop,
+        lost(Why::Transport, Some(1)),
+        Redial,
+        ExpectTx(Tx::Sub {
+            sub: 1,
+            replay: Some(Replay::FromSeq(4)),
+            retained: false,
+            durable: None,
+        }),
+        fresh_sub(2),
+        ExpectEvent(Ev::Connected),
+        SubOkHistory { id: 1, seq: 5 },
+        SubOk { id: 2, seq: 5 },
+        history("m4", 4, 1),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m4" }),
+        ExpectNoEvent,
+    ]);
+    play("resumes after its boundary", || Sim::new(|_| {}), &steps);
 }
