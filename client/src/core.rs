@@ -2159,6 +2159,14 @@ impl ClientCore {
                 let sent = self.sent_to(*id, msg);
                 if let Some(s) = self.subs.get_mut(id).filter(|s| s.opts.acking()) {
                     s.missed_copy(msg, sent);
+                    // A copy it was named paused in came (its catch-up's), to come again as
+                    // a redelivery: no longer one the `Gap` ending its catch-up forgives —
+                    // its dedup exception (`skipped`) stays for that copy (found by
+                    // `tests/mixed_load.rs` with cuts: forgiven, the copy its resume
+                    // history brought was dropped as a duplicate).
+                    if let Some(rid) = msg.sub_id.filter(|_| sent) {
+                        s.paused_skips.remove(&(rid, msg.seq));
+                    }
                 }
             }
             // Its own retained value: the relay's redelivered copy of it is its own.

@@ -4358,3 +4358,40 @@ fn an_at_least_once_subscription_that_got_nothing_yet_resumes_after_its_boundary
     ]);
     play("resumes after its boundary", || Sim::new(|_| {}), &steps);
 }
+
+/// A paused subscription's catch-up copy of a message it was named paused in, held back
+/// for want of room, is on its way again (a redelivery): the `Gap` ending its catch-up does
+/// not forgive it, so across a cut its resume history brings it, a duplicate of the
+/// neighbour's copy in the window and still its own. Before, the `Gap` dropped its dedup
+/// exception (as for a copy that would never come) and the resumed copy was dropped as a
+/// duplicate: a stored message lost (found by `tests/mixed_load.rs` with cuts, seed 1054).
+#[test]
+fn a_catch_up_copy_held_back_is_not_forgiven_by_the_gap_that_ends_the_catch_up() {
+    let mut steps = paused_beside_a_neighbour();
+    steps.extend([
+        DeliverPaused {
+            msg: "m2",
+            seq: 2,
+            paused: vec![1],
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
+        // Its catch-up copy comes before it took m1: held back.
+        catch_up("m2", 2, 1),
+        ExpectNoEvent,
+        ExpectStat(Stat::HeldBack, 1),
+        GapNaming { id: 1, dropped: 1 },
+        ExpectEvent(Ev::Gap {
+            dropped: 1,
+            subs: vec![1],
+        }),
+        Take(1),
+        Take(2),
+        Take(2),
+    ]);
+    steps.extend(cut_and_m2_resumed_for_1(1, SubOk { id: 2, seq: 2 }));
+    play(
+        "held-back catch-up copy, Gap, cut",
+        || Sim::new(|_| {}),
+        &steps,
+    );
+}
