@@ -315,6 +315,18 @@ struct LocalSub {
     /// Never taken, such a copy moves no resume position: a reconnect before the catch-up
     /// asks for it again. Within `skipped`'s bound; emptied on every `Sub`.
     paused_skips: std::collections::BTreeSet<(u64, u64)>,
+    /// Sequences a neighbour's copy (one of its history, say) reached the client at while
+    /// this subscription's own history — relay subscription, sequence — will still bring
+    /// them ([`ClientCore::history_awaits`]): the neighbour's `Ack` of the sequence frees it
+    /// for the whole connection, so, if it reached the relay after the relay sent this
+    /// one's copy and that copy was held back for want of room, the relay would never send
+    /// it again. Owed in the ack queue until this one's copy came (its slot pays the debt)
+    /// or is known not to come: its history passed the sequence (it sends in order) or
+    /// ended — then forgiven ([`ClientCore::take_forgiven`]). Found by
+    /// `tests/mixed_load.rs` with cuts: two resumed subscriptions, the faster history's
+    /// acks freed what the slower one had held back. At most [`MAX_GOT`]; emptied on
+    /// every `Sub`.
+    history_debts: std::collections::BTreeSet<(u64, u64)>,
 }
 
 /// Where a relay subscription started on the current connection (see
@@ -1475,6 +1487,7 @@ impl ClientCore {
         // Its relay subscriptions are replaced (their debts forgiven with them); the
         // `skipped` entries stay: its resume history brings those copies.
         sub.paused_skips.clear();
+        sub.history_debts.clear();
         sub.held_retained.clear();
         for old in sub.relay_ids.drain(..) {
             self.relay_to_local.remove(&old);
@@ -1648,6 +1661,7 @@ impl ClientCore {
                 skipped: Default::default(),
                 awaiting: HashMap::new(),
                 paused_skips: Default::default(),
+                history_debts: Default::default(),
             },
         );
         let frames = self.sub_frames(id, now_ms);
@@ -1672,6 +1686,18 @@ impl ClientCore {
         let replay = sub.replaying.contains(&relay_id) || sub.opts.durable.is_some();
         sub.held.retain(|(r, _)| *r != relay_id);
         sub.replaying.retain(|r| *r != relay_id);
+        // Its history ended: what it was still to bring is not coming.
+        let ended: Vec<(u64, u64)> = sub
+            .history_debts
+            .range((relay_id, 0)..=(relay_id, u64::MAX))
+            .copied()
+            .collect();
+        for d in &ended {
+            sub.history_debts.remove(d);
+        }
+        if sub.opts.acking() {
+            self.forgiven.extend(ended.iter().map(|(_, q)| (local, *q)));
+        }
         if sub.replaying.is_empty() {
             sub.got = None;
             sub.resumed = false;
@@ -1813,6 +1839,81 @@ impl ClientCore {
         }
         if s.opts.acking() {
             self.forgiven.push((id, seq));
+        }
+    }
+
+    /// A copy of `msg` is about to take a slot of the ack queue for the subscription it was
+    /// routed to: every other at-least-once subscription whose history (still running,
+    /// from at or below its sequence, up to its boundary, not past it yet) will bring its
+    /// own copy of that sequence is owed it (`LocalSub::history_debts`), so that this
+    /// copy's ack waits for that one. Not one whose own copy was held back already (its
+    /// debt stands until the redelivery, `LocalSub::sent_back`).
+    fn history_awaits(&mut self, msg: &Msg, routed: &[LocalSubId]) {
+        if msg.seq == 0 {
+            return;
+        }
+        let path = msg.envelope.token_path();
+        let key = msg.envelope.key_id();
+        for (id, s) in self.subs.iter_mut() {
+            if s.replaying.is_empty()
+                || !s.opts.acking()
+                || routed.contains(id)
+                || msg.sub_id.is_some_and(|rid| s.relay_ids.contains(&rid))
+                || s.sent_back.contains(&(key, msg.seq))
+                || s.positions.get(&key).is_some_and(|p| *p >= msg.seq)
+                || (s.history_debts.len() >= MAX_GOT)
+            {
+                continue;
+            }
+            let awaiting = s
+                .relay_ids
+                .iter()
+                .zip(&s.patterns)
+                .zip(&s.starts)
+                .find(|((rid, p), st)| {
+                    s.replaying.contains(rid)
+                        && st.history_from.is_some_and(|f| msg.seq >= f)
+                        && st.boundary.is_none_or(|b| msg.seq <= b)
+                        && p.matches(&path)
+                })
+                .map(|((rid, _), _)| *rid);
+            if let Some(rid) = awaiting {
+                if s.history_debts.insert((rid, msg.seq)) {
+                    self.owing.push((*id, msg.seq));
+                }
+            }
+        }
+    }
+
+    /// The subscription a copy names (`Msg.sub_id`), if any.
+    fn named_local(&self, msg: &Msg) -> Option<LocalSubId> {
+        msg.sub_id
+            .and_then(|rid| self.relay_to_local.get(&rid))
+            .copied()
+    }
+
+    /// Subscription `id`'s history copy `msg` (naming its relay subscription) came — taken,
+    /// passed or held back: what its history was to bring at that sequence came, and a
+    /// lower sequence it was to bring is not coming (a history is sent in order).
+    fn history_passed(&mut self, id: LocalSubId, msg: &Msg) {
+        let Some(rid) = msg.sub_id else { return };
+        let Some(s) = self.subs.get_mut(&id) else {
+            return;
+        };
+        if s.history_debts.is_empty() {
+            return;
+        }
+        s.history_debts.remove(&(rid, msg.seq));
+        let gone: Vec<(u64, u64)> = s
+            .history_debts
+            .range((rid, 0)..(rid, msg.seq))
+            .copied()
+            .collect();
+        for d in &gone {
+            s.history_debts.remove(d);
+        }
+        if s.opts.acking() {
+            self.forgiven.extend(gone.iter().map(|(_, q)| (id, *q)));
         }
     }
 
@@ -2181,9 +2282,22 @@ impl ClientCore {
                     }
                 }
             }
+            if let Some(id) = self.named_local(msg) {
+                self.history_passed(id, msg);
+            }
             return Delivery::HeldBack;
         }
         let delivery = self.deliver(msg, opened, now_ms, room);
+        if let Some(id) = self.named_local(msg) {
+            self.history_passed(id, msg);
+        }
+        // Its slot's ack waits for the copies other histories still bring.
+        if routed
+            .iter()
+            .any(|id| self.subs.get(id).is_some_and(|s| s.opts.acking()))
+        {
+            self.history_awaits(msg, &routed);
+        }
         if !self.withheld.is_empty() {
             // Handed to (or told lost to): `got`. A copy for: those it was routed to, but a
             // redelivered copy only those that acknowledge and take one (as `deliver`

@@ -1319,6 +1319,8 @@ impl Engine {
                     if self.core.replay_done(d.sub_id, d.seq) {
                         self.emit(Event::ReplayDone { sub, seq: d.seq });
                     }
+                    // What its history was still to bring is not coming: no longer owed.
+                    self.forgive_paused();
                 }
             }
             Frame::Gap(g) => {
