@@ -19,18 +19,22 @@
 //! only seed S. A quarter of the cases run on a relay that keeps QoS 0 too (every message
 //! stored).
 //!
-//! `WHISPEER_MIXED_CUTS=1` also cuts the subscriber's connection (through a proxy) after
-//! random publishes; across reconnects only what the store keeps is accounted for
-//! (live-only messages published while a subscription was away leave no trace anyone
-//! could report). Not on by default: it found two losses fixed in session 52 (a message
-//! in two resumed histories; a subscription's own history copy held back while a
-//! neighbour's delivered the message) and three in session 53 — a paused subscription's
+//! The subscriber's connection is also cut (through a proxy) after random publishes (up to
+//! two cuts per case; `WHISPEER_MIXED_CUTS=0` turns them off); across reconnects only what
+//! the store keeps is accounted for (live-only messages published while a subscription was
+//! away leave no trace anyone could report). Cuts found two losses fixed in session 52 (a
+//! message in two resumed histories; a subscription's own history copy held back while a
+//! neighbour's delivered the message), three in session 53 — a paused subscription's
 //! resume position moved past what the relay still owed it by a neighbour's live copy (the
 //! relay now names paused subscriptions in such copies, `Msg.paused`) or by a neighbour's
 //! catch-up copy (catch-up copies now name their subscription, `Msg.sub_id`), and a slow
-//! resumed history that lost what a faster one delivered before a second cut — and still
-//! fails about one run of 40 seeds in two (seed 1, seed 1039: an at-least-once
-//! subscription short of a few stored messages after two cuts). Open.
+//! resumed history that lost what a faster one delivered before a second cut — and five in
+//! session 54: a subscription's own copy held back for want of room (which comes again only
+//! as a redelivery, out of order) settled by later copies and forgiven by the `Gap` ending
+//! its catch-up; a neighbour's ack freeing such a copy at the relay (history copies, and
+//! overlapping histories); and an at-least-once subscription that had received nothing
+//! resubscribing live after a cut. They were opt-in until then (a run of 52 seeds failed
+//! about one time in two or three); since, 860 seeds with cuts passed in a row.
 
 mod support;
 
@@ -103,8 +107,7 @@ fn draw(seed: u64) -> Case {
         .map(|_| 1 + rng.next_u32() % (MESSAGES - 1))
         .collect();
     cuts.sort();
-    if std::env::var_os("WHISPEER_MIXED_CUTS").is_none() {
-        // Not by default: see the module docs (a known loss across reconnects).
+    if std::env::var("WHISPEER_MIXED_CUTS").is_ok_and(|v| v == "0") {
         cuts.clear();
     }
     let n_subs = 2 + rng.next_u32() as usize % 3;
