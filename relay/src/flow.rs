@@ -673,6 +673,12 @@ pub(crate) struct Paused {
     /// catch-up cannot send them, so they are counted and reported with a `Gap` when live
     /// delivery resumes.
     pub(crate) lost: u64,
+    /// Messages the live path skipped that the store keeps: the catch-up sends each, unless
+    /// the store dropped it meanwhile (retention: age, count or bytes) — the shortfall is
+    /// lost to this subscription too and reported with `lost` (without it the subscription
+    /// never heard of them, and a client owing that sequence to it held its ack for good).
+    /// Zero when the pause began elsewhere (a spilled hand-over): then nothing is inferred.
+    pub(crate) stored: u64,
 }
 
 /// A delivery not yet acknowledged.
@@ -880,6 +886,7 @@ impl Tracking {
         if let Some(p) = t.paused.as_mut() {
             if stored {
                 p.missed_max = p.missed_max.max(seq);
+                p.stored += 1;
             } else {
                 p.lost += 1;
             }
@@ -896,6 +903,7 @@ impl Tracking {
             next: seq,
             missed_max: seq,
             lost: u64::from(!stored),
+            stored: u64::from(stored),
         };
         t.set_paused(self.id, p, &self.conn);
         Delivery::Paused
@@ -968,6 +976,7 @@ impl Tracking {
             next: seq,
             missed_max: missed_max.max(seq),
             lost,
+            stored: 0,
         };
         t.set_paused(self.id, p, &self.conn);
         false
@@ -1076,8 +1085,10 @@ impl Tracking {
                 next: q.next.min(p.next),
                 missed_max: q.missed_max.max(p.missed_max),
                 lost: q.lost + p.lost,
+                // Begun elsewhere too: the catch-up also sends what no count holds.
+                stored: 0,
             },
-            None => p,
+            None => Paused { stored: 0, ..p },
         };
         t.set_paused(self.id, p, &self.conn);
     }
@@ -1090,8 +1101,9 @@ impl Tracking {
     /// The catch-up read up to `upto`: resumes live delivery if nothing later was skipped
     /// (called under the routing lock, so no live message can be skipped meanwhile).
     /// Returns `None` when still paused, else how many skipped messages the store did not
-    /// keep (lost to this subscription: the caller reports them with a `Gap`).
-    pub(crate) fn resume_if_caught_up(&self, upto: u64) -> Option<u64> {
+    /// keep (lost to this subscription: the caller reports them with a `Gap`) — also those
+    /// it kept and dropped before the catch-up, which `sent` messages in all.
+    pub(crate) fn resume_if_caught_up(&self, upto: u64, sent: u64) -> Option<u64> {
         let mut t = lock(&self.inner);
         match t.paused {
             Some(p) if p.missed_max > upto => {
@@ -1104,7 +1116,7 @@ impl Tracking {
             p => {
                 t.paused = None;
                 t.catching_up = false;
-                Some(p.map_or(0, |p| p.lost))
+                Some(p.map_or(0, |p| p.lost + p.stored.saturating_sub(sent)))
             }
         }
     }
@@ -1334,6 +1346,8 @@ async fn run(
 ) -> Result<bool, StoreError> {
     let store = shared.router.store().clone();
     let gone = || target.is_cancelled() || target.out.is_closing();
+    // Sent by this catch-up in all (what the store still had of the skipped messages).
+    let mut sent_total = 0u64;
     loop {
         let Some(paused) = track.paused() else {
             return Ok(false);
@@ -1405,6 +1419,7 @@ async fn run(
                 }
             }
             shared.metrics.delivered(sent as usize);
+            sent_total += sent;
             drop(hold);
             match refused {
                 None => from = chunk.next,
@@ -1416,7 +1431,7 @@ async fn run(
                 }
             }
         }
-        if shared.router.resume_live(target, upto.0) {
+        if shared.router.resume_live(target, upto.0, sent_total) {
             return Ok(true);
         }
     }

@@ -792,7 +792,7 @@ impl Metrics {
             ),
             (
                 "whispeer_relay_credit_lost_total",
-                "QoS 0 messages a paused subscription (out of credit, or over the relay-wide unacknowledged-bytes budget) skipped that the store does not keep (reported to the client in a Gap).",
+                "Messages a paused subscription (out of credit, or over the relay-wide unacknowledged-bytes budget) skipped that the store does not keep (QoS 0), or kept and dropped (retention) before its catch-up read them (reported to the client in a Gap).",
                 load(&self.credit_lost),
             ),
             (

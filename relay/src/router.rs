@@ -265,6 +265,7 @@ impl Target {
                         next: seq,
                         missed_max: seq,
                         lost: u64::from(!stored),
+                        stored: 0,
                     });
                 }
                 return;
@@ -626,12 +627,12 @@ impl Router {
     /// A paused subscription's catch-up has sent everything up to `upto`: under the routing
     /// lock, resumes live delivery unless a later message was skipped meanwhile.
     /// Messages the store did not keep, skipped while paused, are reported with a `Gap`.
-    pub(crate) fn resume_live(&self, target: &Target, upto: u64) -> bool {
+    pub(crate) fn resume_live(&self, target: &Target, upto: u64, sent: u64) -> bool {
         let _core = self.lock(target.shard);
         let Some(t) = &target.track else {
             return true;
         };
-        match t.resume_if_caught_up(upto) {
+        match t.resume_if_caught_up(upto, sent) {
             None => false,
             Some(lost) => {
                 if lost > 0 {

@@ -507,6 +507,50 @@ async fn unstored_messages_skipped_while_paused_are_reported_in_a_gap() {
     assert_eq!(m.iter().map(|m| m.seq).collect::<Vec<_>>(), next);
 }
 
+/// Stored messages a paused subscription skipped that retention deletes before its
+/// catch-up reads them are lost to it too: the `Gap` naming it after the catch-up counts
+/// them (before, it heard nothing of them, and a client owing such a sequence to it held
+/// its ack for good).
+#[tokio::test]
+async fn stored_messages_retention_drops_before_the_catch_up_are_reported_in_its_gap() {
+    let mut config = Config::ephemeral();
+    config.store.max_messages = 3;
+    let relay = TestRelay::start(config).await;
+    let mut s = Client::tcp(relay.tcp()).await;
+    hello_flow(&mut s).await;
+    s.send(&qos1_sub(1, exact(1, &[1]), Some(2))).await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    let stored = publish_acked(&mut p, &[1], 0, 2).await;
+    let first = msgs(until_pong(&mut s, 1).await);
+    assert_eq!(first.iter().map(|m| m.seq).collect::<Vec<_>>(), stored);
+    // Paused: five more, of which the store keeps the newest three.
+    let later = publish_acked(&mut p, &[1], 10, 5).await;
+    assert!(until_pong(&mut s, 2).await.is_empty(), "paused");
+    s.send(&Frame::Ack(Ack { seqs: stored })).await;
+    let got = msgs(vec![s.recv().await, s.recv().await]);
+    assert_eq!(
+        got.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        later[2..4].to_vec(),
+        "what the store still has follows, in order, under the credit"
+    );
+    s.send(&Frame::Ack(Ack {
+        seqs: later[2..4].to_vec(),
+    }))
+    .await;
+    let last = msgs(vec![s.recv().await]);
+    assert_eq!(last[0].seq, later[4]);
+    match s.recv().await {
+        Frame::Gap(g) => assert_eq!(
+            (g.dropped, g.sub_id),
+            (2, Some(1)),
+            "the two the store dropped before the catch-up read them"
+        ),
+        other => panic!("expected the Gap after the catch-up, got {other:?}"),
+    }
+}
+
 /// A relay with `config` (no publish rate, 64 MiB of unacked bytes per subscription), a
 /// QoS 1 subscriber of `[1]` with a 4 KiB receive buffer that reads nothing yet, and a
 /// publisher.
