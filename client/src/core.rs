@@ -1686,24 +1686,14 @@ impl ClientCore {
         let replay = sub.replaying.contains(&relay_id) || sub.opts.durable.is_some();
         sub.held.retain(|(r, _)| *r != relay_id);
         sub.replaying.retain(|r| *r != relay_id);
-        // Its history ended: what it was still to bring is not coming.
-        let ended: Vec<(u64, u64)> = sub
-            .history_debts
-            .range((relay_id, 0)..=(relay_id, u64::MAX))
-            .copied()
-            .collect();
-        for d in &ended {
-            sub.history_debts.remove(d);
-        }
-        if sub.opts.acking() {
-            self.forgiven.extend(ended.iter().map(|(_, q)| (local, *q)));
-        }
         if sub.replaying.is_empty() {
             sub.got = None;
             sub.resumed = false;
             sub.carried.clear();
         }
         sub.reached(relay_id, seq);
+        // Its history ended: what it was still to bring is not coming.
+        self.forgive_history(local, relay_id, u64::MAX);
         replay || !held
     }
 
@@ -1904,9 +1894,18 @@ impl ClientCore {
             return;
         }
         s.history_debts.remove(&(rid, msg.seq));
+        self.forgive_history(id, rid, msg.seq);
+    }
+
+    /// Subscription `id`'s history (relay subscription `rid`) will not bring the sequences
+    /// below `below` it was still to bring (`LocalSub::history_debts`): forgiven.
+    fn forgive_history(&mut self, id: LocalSubId, rid: u64, below: u64) {
+        let Some(s) = self.subs.get_mut(&id) else {
+            return;
+        };
         let gone: Vec<(u64, u64)> = s
             .history_debts
-            .range((rid, 0)..(rid, msg.seq))
+            .range((rid, 0)..(rid, below))
             .copied()
             .collect();
         for d in &gone {

@@ -463,23 +463,30 @@ async fn replay_waits_for_credit_instead_of_overrunning_the_subscriber() {
     assert_eq!(got, live);
 }
 
-/// A QoS 1 subscription paused for want of credit skips QoS 0 publishes that the store
-/// does not keep (`store_qos0 = false`): they cannot follow from the store, so when it
-/// resumes the relay says how many with a `Gap` (PROTOCOL.md §3.3.11) instead of losing
-/// them silently; the stored ones follow in order.
-#[tokio::test]
-async fn unstored_messages_skipped_while_paused_are_reported_in_a_gap() {
-    let relay = TestRelay::start(Config::ephemeral()).await;
+/// A relay with `config`, a QoS 1 subscriber `s` of `[1]` with a credit of 2, and a
+/// publisher `p` whose first two stored messages (returned) `s` has, unacknowledged: its
+/// delivery pauses at the next one.
+async fn credit_filled(config: Config) -> (TestRelay, Client, Client, Vec<u64>) {
+    let relay = TestRelay::start(config).await;
     let mut s = Client::tcp(relay.tcp()).await;
     hello_flow(&mut s).await;
     s.send(&qos1_sub(1, exact(1, &[1]), Some(2))).await;
     assert!(matches!(s.recv().await, Frame::SubOk(_)));
     let mut p = Client::tcp(relay.tcp()).await;
     p.hello().await;
-    // Two stored messages fill the credit.
     let stored = publish_acked(&mut p, &[1], 0, 2).await;
     let first = msgs(until_pong(&mut s, 1).await);
     assert_eq!(first.iter().map(|m| m.seq).collect::<Vec<_>>(), stored);
+    (relay, s, p, stored)
+}
+
+/// A QoS 1 subscription paused for want of credit skips QoS 0 publishes that the store
+/// does not keep (`store_qos0 = false`): they cannot follow from the store, so when it
+/// resumes the relay says how many with a `Gap` (PROTOCOL.md §3.3.11) instead of losing
+/// them silently; the stored ones follow in order.
+#[tokio::test]
+async fn unstored_messages_skipped_while_paused_are_reported_in_a_gap() {
+    let (_relay, mut s, mut p, stored) = credit_filled(Config::ephemeral()).await;
     // Paused now: three QoS 0 publishes (live only, not stored) and one more stored one.
     publish_qos0(&mut p, 3).await;
     let later = publish_acked(&mut p, &[1], 10, 1).await;
@@ -515,16 +522,7 @@ async fn unstored_messages_skipped_while_paused_are_reported_in_a_gap() {
 async fn stored_messages_retention_drops_before_the_catch_up_are_reported_in_its_gap() {
     let mut config = Config::ephemeral();
     config.store.max_messages = 3;
-    let relay = TestRelay::start(config).await;
-    let mut s = Client::tcp(relay.tcp()).await;
-    hello_flow(&mut s).await;
-    s.send(&qos1_sub(1, exact(1, &[1]), Some(2))).await;
-    assert!(matches!(s.recv().await, Frame::SubOk(_)));
-    let mut p = Client::tcp(relay.tcp()).await;
-    p.hello().await;
-    let stored = publish_acked(&mut p, &[1], 0, 2).await;
-    let first = msgs(until_pong(&mut s, 1).await);
-    assert_eq!(first.iter().map(|m| m.seq).collect::<Vec<_>>(), stored);
+    let (_relay, mut s, mut p, stored) = credit_filled(config).await;
     // Paused: five more, of which the store keeps the newest three.
     let later = publish_acked(&mut p, &[1], 10, 5).await;
     assert!(until_pong(&mut s, 2).await.is_empty(), "paused");
