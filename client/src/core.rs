@@ -2233,10 +2233,16 @@ impl ClientCore {
                 }
                 Err(_) => Vec::new(),
             };
-            let sent: Vec<LocalSubId> = causes
+            // Those the relay sent this copy for (their own, `sent_to`): decided once.
+            let sent_ids: Vec<LocalSubId> = routed
                 .iter()
                 .copied()
                 .filter(|id| self.sent_to(*id, msg))
+                .collect();
+            let sent: Vec<LocalSubId> = causes
+                .iter()
+                .copied()
+                .filter(|id| sent_ids.contains(id))
                 .collect();
             let subs = &self.subs;
             let denied = routed
@@ -2256,7 +2262,7 @@ impl ClientCore {
             );
             // Not taken by any of them: each awaits it again, before later ones.
             for id in &routed {
-                let sent = self.sent_to(*id, msg);
+                let sent = sent_ids.contains(id);
                 if let Some(s) = self.subs.get_mut(id).filter(|s| s.opts.acking()) {
                     s.missed_copy(msg, sent);
                     // A copy it was named paused in came (its catch-up's), to come again as

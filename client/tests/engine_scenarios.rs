@@ -4406,24 +4406,9 @@ fn a_catch_up_copy_held_back_is_not_forgiven_by_the_gap_that_ends_the_catch_up()
 /// `tests/mixed_load.rs` with cuts, seed 1094).
 #[test]
 fn a_history_copy_is_acked_only_once_the_other_histories_bringing_it_had_theirs() {
-    let mut steps = two_subs_with_m1(qos1());
-    steps.extend(taken_and_resumed(9));
-    steps.extend([
-        Seal {
-            name: "m3",
-            topic: "h/c",
-        },
-        history("m2", 2, 2),
-        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
-        history("m2", 2, 1),
-        ExpectEvent(Ev::Message { sub: 1, msg: "m2" }),
-        Take(1),
-        history("m3", 3, 1),
-        ExpectEvent(Ev::Message { sub: 1, msg: "m3" }),
-        Take(1),
-        // No ack due (the next deadline is the heartbeat): 2 waits for subscription 2's
-        // taking m2, 3 for its copy of m3.
-        ExpectTimeoutIn(Some(10_000)),
+    let steps = history_copy_of_m3_taken_by_1();
+    let mut redelivered = steps.clone();
+    redelivered.extend([
         history("m3", 3, 2),
         ExpectNoEvent,
         ExpectStat(Stat::HeldBack, 1),
@@ -4447,6 +4432,47 @@ fn a_history_copy_is_acked_only_once_the_other_histories_bringing_it_had_theirs(
     play(
         "history acks wait for the other histories",
         || Sim::new(|c| c.sub_capacity = 1),
-        &steps,
+        &redelivered,
     );
+    // Subscription 2's history ends without m3 (the store no longer had it): not coming,
+    // so the ack of 3 is no longer held for it.
+    let mut ended = steps;
+    ended.extend([
+        Take(2),
+        ReplayDone { id: 2, seq: 9 },
+        ExpectEvent(Ev::ReplayDone { sub: 2, seq: 9 }),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![2, 3])),
+        ExpectNoTx,
+    ]);
+    play(
+        "history acks wait until the other history ends",
+        || Sim::new(|c| c.sub_capacity = 1),
+        &ended,
+    );
+}
+
+/// [`a_history_copy_is_acked_only_once_the_other_histories_bringing_it_had_theirs`] up to
+/// subscription 1's taking its history copy of `m3` (2's history still to bring it).
+fn history_copy_of_m3_taken_by_1() -> Vec<Step> {
+    let mut steps = two_subs_with_m1(qos1());
+    steps.extend(taken_and_resumed(9));
+    steps.extend([
+        Seal {
+            name: "m3",
+            topic: "h/c",
+        },
+        history("m2", 2, 2),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
+        history("m2", 2, 1),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m2" }),
+        Take(1),
+        history("m3", 3, 1),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m3" }),
+        Take(1),
+        // No ack due (the next deadline is the heartbeat): 2 waits for subscription 2's
+        // taking m2, 3 for its copy of m3.
+        ExpectTimeoutIn(Some(10_000)),
+    ]);
+    steps
 }

@@ -500,14 +500,12 @@ async fn unstored_messages_skipped_while_paused_are_reported_in_a_gap() {
     s.send(&Frame::Ack(Ack { seqs: stored })).await;
     let got = msgs(vec![s.recv().await]);
     assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), later);
-    match s.recv().await {
-        Frame::Gap(g) => assert_eq!(
-            (g.dropped, g.sub_id),
-            (3, Some(1)),
-            "each unstored message skipped is counted once, for the subscription"
-        ),
-        other => panic!("expected the Gap after the catch-up, got {other:?}"),
-    }
+    expect_gap_naming_1(
+        &mut s,
+        3,
+        "each unstored message skipped is counted once, for the subscription",
+    )
+    .await;
     // Live delivery resumed: the next message arrives directly.
     let next = publish_acked(&mut p, &[1], 20, 1).await;
     let m = msgs(until_pong(&mut s, 3).await);
@@ -539,12 +537,18 @@ async fn stored_messages_retention_drops_before_the_catch_up_are_reported_in_its
     .await;
     let last = msgs(vec![s.recv().await]);
     assert_eq!(last[0].seq, later[4]);
+    expect_gap_naming_1(
+        &mut s,
+        2,
+        "the two the store dropped before the catch-up read them",
+    )
+    .await;
+}
+
+/// The next frame is the `Gap` a catch-up ends with: `dropped`, naming subscription 1.
+async fn expect_gap_naming_1(s: &mut Client, dropped: u64, why: &str) {
     match s.recv().await {
-        Frame::Gap(g) => assert_eq!(
-            (g.dropped, g.sub_id),
-            (2, Some(1)),
-            "the two the store dropped before the catch-up read them"
-        ),
+        Frame::Gap(g) => assert_eq!((g.dropped, g.sub_id), (dropped, Some(1)), "{why}"),
         other => panic!("expected the Gap after the catch-up, got {other:?}"),
     }
 }
