@@ -3964,6 +3964,21 @@ fn paused_beside_a_neighbour() -> Vec<Step> {
         .collect()
 }
 
+/// [`paused_beside_a_neighbour`], then the relay's live copy of `m2` for subscription 2,
+/// naming 1 paused: 2 gets it.
+fn m2_named_paused() -> Vec<Step> {
+    let mut steps = paused_beside_a_neighbour();
+    steps.extend([
+        DeliverPaused {
+            msg: "m2",
+            seq: 2,
+            paused: vec![1],
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
+    ]);
+    steps
+}
+
 /// PROTOCOL §3.5.5 "Paused beside other subscriptions": the relay names a paused
 /// subscription in the live copy it sends for a neighbour (`Msg.paused`). That copy is
 /// the neighbour's alone: not handed to the paused one (it came before what the relay
@@ -3974,14 +3989,8 @@ fn paused_beside_a_neighbour() -> Vec<Step> {
 /// before it was taken.
 #[test]
 fn a_copy_naming_a_paused_subscription_is_the_neighbours_and_its_catch_up_copy_follows() {
-    let mut steps = paused_beside_a_neighbour();
+    let mut steps = m2_named_paused();
     steps.extend([
-        DeliverPaused {
-            msg: "m2",
-            seq: 2,
-            paused: vec![1],
-        },
-        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
         ExpectNoEvent,
         ExpectStat(Stat::NamedPaused, 1),
         Take(2),
@@ -4011,18 +4020,8 @@ fn a_copy_naming_a_paused_subscription_is_the_neighbours_and_its_catch_up_copy_f
 /// across the reconnect (found by `tests/mixed_load.rs` with reconnects).
 #[test]
 fn a_copy_named_paused_moves_no_resume_position_and_the_resume_brings_it() {
-    let mut steps = paused_beside_a_neighbour();
-    steps.extend([
-        DeliverPaused {
-            msg: "m2",
-            seq: 2,
-            paused: vec![1],
-        },
-        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
-        Take(1),
-        Take(2),
-        Take(2),
-    ]);
+    let mut steps = m2_named_paused();
+    steps.extend([Take(1), Take(2), Take(2)]);
     steps.extend(cut_and_m2_resumed_for_1(1, SubOk { id: 2, seq: 2 }));
     play("named paused, resumed", || Sim::new(|_| {}), &steps);
 }
@@ -4147,14 +4146,8 @@ fn cut_and_m2_resumed_for_1(attempt: u32, sub_ok_2: Step) -> Vec<Step> {
 /// ack timeout.
 #[test]
 fn a_debt_to_a_paused_subscription_ends_with_its_gap_or_its_own_later_copy() {
-    let mut steps = paused_beside_a_neighbour();
+    let mut steps = m2_named_paused();
     steps.extend([
-        DeliverPaused {
-            msg: "m2",
-            seq: 2,
-            paused: vec![1],
-        },
-        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
         Take(1),
         Take(2),
         Take(2),
@@ -4368,14 +4361,8 @@ fn an_at_least_once_subscription_that_got_nothing_yet_resumes_after_its_boundary
 /// duplicate: a stored message lost (found by `tests/mixed_load.rs` with cuts, seed 1054).
 #[test]
 fn a_catch_up_copy_held_back_is_not_forgiven_by_the_gap_that_ends_the_catch_up() {
-    let mut steps = paused_beside_a_neighbour();
+    let mut steps = m2_named_paused();
     steps.extend([
-        DeliverPaused {
-            msg: "m2",
-            seq: 2,
-            paused: vec![1],
-        },
-        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
         // Its catch-up copy comes before it took m1: held back.
         catch_up("m2", 2, 1),
         ExpectNoEvent,
