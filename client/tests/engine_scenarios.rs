@@ -4255,19 +4255,8 @@ fn an_own_copy_held_back_for_want_of_room_comes_again_after_later_ones() {
         // history was still to bring its own when 1 took m2).
         ExpectTx(Tx::Ack(vec![4, 2])),
         ExpectNoTx,
-        Deliver {
-            msg: "m3",
-            seq: 3,
-            flags: msg_flags::REDELIVERED,
-        },
-        ExpectEvent(Ev::Message { sub: 1, msg: "m3" }),
-        ExpectEvent(Ev::Placeholder { sub: 2 }),
-        ExpectNoEvent,
-        Take(1),
-        Timeout,
-        ExpectTx(Tx::Ack(vec![3])),
-        ExpectNoTx,
     ]);
+    redelivered.extend(m3_redelivered_to(1, 2));
     play(
         "own copy held back, redelivered",
         || Sim::new(|c| c.sub_capacity = 1),
@@ -4403,19 +4392,8 @@ fn a_history_copy_is_acked_only_once_the_other_histories_bringing_it_had_theirs(
         Timeout,
         ExpectTx(Tx::Ack(vec![2])),
         ExpectNoTx,
-        Deliver {
-            msg: "m3",
-            seq: 3,
-            flags: msg_flags::REDELIVERED,
-        },
-        ExpectEvent(Ev::Message { sub: 2, msg: "m3" }),
-        ExpectEvent(Ev::Placeholder { sub: 1 }),
-        ExpectNoEvent,
-        Take(2),
-        Timeout,
-        ExpectTx(Tx::Ack(vec![3])),
-        ExpectNoTx,
     ]);
+    redelivered.extend(m3_redelivered_to(2, 1));
     play(
         "history acks wait for the other histories",
         || Sim::new(|c| c.sub_capacity = 1),
@@ -4437,6 +4415,25 @@ fn a_history_copy_is_acked_only_once_the_other_histories_bringing_it_had_theirs(
         || Sim::new(|c| c.sub_capacity = 1),
         &ended,
     );
+}
+
+/// The relay's redelivery of `m3` (sequence 3): subscription `to`'s (it held its copy
+/// back), a duplicate passed by `other`; acked once `to` took it.
+fn m3_redelivered_to(to: u64, other: u64) -> Vec<Step> {
+    vec![
+        Deliver {
+            msg: "m3",
+            seq: 3,
+            flags: msg_flags::REDELIVERED,
+        },
+        ExpectEvent(Ev::Message { sub: to, msg: "m3" }),
+        ExpectEvent(Ev::Placeholder { sub: other }),
+        ExpectNoEvent,
+        Take(to),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![3])),
+        ExpectNoTx,
+    ]
 }
 
 /// [`a_history_copy_is_acked_only_once_the_other_histories_bringing_it_had_theirs`] up to
