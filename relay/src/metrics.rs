@@ -462,7 +462,7 @@ impl Metrics {
             );
             let _ = writeln!(o, "whispeer_relay_store_disk_free_bytes {free}");
         }
-        let counters: [(&str, &str, u64); 21] = [
+        let counters: [(&str, &str, u64); 23] = [
             (
                 "whispeer_relay_store_reads_total",
                 "Store reads run by the reader thread.",
@@ -477,6 +477,16 @@ impl Metrics {
                 "whispeer_relay_store_rows_read_total",
                 "Stored rows examined by history, replay and retained reads.",
                 s.rows_read,
+            ),
+            (
+                "whispeer_relay_store_retained_confirms_total",
+                "Cluster store: retained writes followed by a confirming write (another relay may have written an older value of the path at the same moment).",
+                s.retained_confirms,
+            ),
+            (
+                "whispeer_relay_store_retained_repairs_total",
+                "Cluster store: retained values written again because an older value written at the same moment landed after them (nats-server before 2.9.21).",
+                s.retained_repairs,
             ),
             (
                 "whispeer_relay_store_quota_tenant_rejections_total",

@@ -989,6 +989,12 @@ pub struct StoreMetrics {
     /// Stored rows history, replay and retained reads examined (a read under a key id the
     /// store never saw examines none).
     pub rows_read: u64,
+    /// Cluster store: retained writes followed by a confirming write (a write of an older
+    /// value of the path may have passed nats-server's check at the same time).
+    pub retained_confirms: u64,
+    /// Cluster store: retained values written again because an older value's write had
+    /// landed after them (nats-server before 2.9.21 in a clustered stream).
+    pub retained_repairs: u64,
 }
 
 /// Upper bounds of the commit batch size histogram.

@@ -1408,6 +1408,149 @@ async fn concurrent_retained_writers_the_stream_order_decides() {
     }
 }
 
+/// nats-server before 2.9.21 (Debian's is 2.9.10) checks `Nats-Expected-Last-Subject-
+/// Sequence` against the messages a clustered stream has applied, not those proposed and
+/// not yet applied (nats-server issue 4320): two relays writing one retained path at once
+/// can both pass, and the write landing last stays — an older value over a newer one (the
+/// flake of `concurrent_retained_writers_the_stream_order_decides`). A retained write whose
+/// path had a value between the one it read and its own (or whose ordered read cannot
+/// tell) is confirmed by one more checked write, which comes after every write that raced
+/// it. Driven at two stores: relay A's write of the older value held, relay B writes the
+/// newer one (it read no value; the path had A's); with B's confirming write held, A's
+/// value lands in the retained stream as the lost race would (after B's); let go, B writes
+/// its value again. A's write, let go last, finds the newer value and writes nothing.
+/// Before: B never confirmed (it never parks here) and the older value stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_value_overtaken_by_an_older_racing_write_is_written_again() {
+    use whispeer_relay::store::{Accepted, Append, Store, StoreError};
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let a = open_store(&nats.urls(), "relay-a").await;
+    let b = open_store(&nats.urls(), "relay-b").await;
+    a.hold_retained_writes(true);
+    b.hold_retained_confirms(true);
+    let mut parked = b.retained_confirms_parked();
+    type Answer = tokio::sync::mpsc::UnboundedReceiver<Result<Accepted, StoreError>>;
+    let publish = |store: &whispeer_relay::store::JetStreamStore, n: u32| -> Answer {
+        let env = numbered(61, &[7], n);
+        let tenant = whispeer_relay::store::Tenant::Address("10.0.0.1".parse().unwrap());
+        let Accepted::Pending(ticket) = store
+            .append(Append {
+                path: &env.token_path(),
+                envelope: &env,
+                flags: pub_flags::RETAIN,
+                qos: Qos::AtLeastOnce,
+                publish_id: None,
+                tenant: &tenant,
+            })
+            .expect("queued")
+        else {
+            panic!("a stored publish waits for the stream");
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        store.when_sequenced(ticket, Box::new(move |r| drop(tx.send(r))));
+        rx
+    };
+    async fn answered(rx: &mut Answer) -> u64 {
+        match tokio::time::timeout(TIMEOUT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Ok(Accepted::New(s)) => s.0,
+            other => panic!("{other:?}"),
+        }
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(nats.nodes[0].url()).await.unwrap());
+    let main = js.get_stream("WSP").await.unwrap();
+    let path_subject = format!("wsp.{}.{}", key(61), tok(7));
+    // A's value in the stream (its retained write held) before B publishes: B's is newer.
+    let mut at_a = publish(&a, 1);
+    let older = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            if let Ok(m) = main.get_last_raw_message_by_subject(&path_subject).await {
+                break m;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("A's publish in the stream");
+    let mut at_b = publish(&b, 2);
+    tokio::time::timeout(TIMEOUT, parked.wait_for(|n| *n == 1))
+        .await
+        .expect("B's write waits before its confirming write")
+        .unwrap();
+    // A's write, landing after B's as a lost race does.
+    let rs = js.get_stream("WSP_RETAINED").await.unwrap();
+    let subject = format!("wsp_retained.{}.{}", key(61), tok(7));
+    let wsp_seq = |m: &async_nats::jetstream::message::StreamMessage| {
+        m.headers.get("Wsp-Seq").map(|v| v.as_str().to_string())
+    };
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Wsp-Seq", older.sequence.to_string().as_str());
+    js.publish_with_headers(subject.clone(), h, older.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let last = rs.get_last_raw_message_by_subject(&subject).await.unwrap();
+    assert_eq!(wsp_seq(&last), Some(older.sequence.to_string()));
+    b.hold_retained_confirms(false);
+    let newer = answered(&mut at_b).await;
+    assert!(newer > older.sequence);
+    let last = rs.get_last_raw_message_by_subject(&subject).await.unwrap();
+    assert_eq!(
+        wsp_seq(&last),
+        Some(newer.to_string()),
+        "the newer value is the retained one again"
+    );
+    assert_eq!(number(&Envelope::from_bytes(last.payload).unwrap()), 2);
+    let m = b.metrics();
+    assert_eq!((m.retained_confirms, m.retained_repairs), (1, 1));
+    a.hold_retained_writes(false);
+    assert_eq!(answered(&mut at_a).await, older.sequence);
+    let last = rs.get_last_raw_message_by_subject(&subject).await.unwrap();
+    assert_eq!(wsp_seq(&last), Some(newer.to_string()), "A wrote nothing");
+    let m = a.metrics();
+    assert_eq!((m.retained_confirms, m.retained_repairs), (0, 0));
+}
+
+/// A relay on a replicated stream of a nats-server before 2.9.21 (issue 4320: writes in
+/// flight not checked) says so at start, naming the version and what it means.
+#[tokio::test]
+async fn a_relay_on_a_nats_server_before_2_9_21_warns_at_start() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let out = std::process::Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<u64> = version
+        .trim()
+        .trim_start_matches("nats-server: v")
+        .split(['.', '-'])
+        .take(3)
+        .map(|p| p.parse().unwrap())
+        .collect();
+    if (v[0], v[1], v[2]) >= (2, 9, 21) {
+        eprintln!("{version}: fixed, no warning to wait for");
+        return;
+    }
+    let mut relay = start_logged_relay_with(&nats.urls(), "relay-a", &[]);
+    let line = relay.wait_log(&["nats-server issue 4320"]).await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains(&format!("{}.{}.{}", v[0], v[1], v[2])),
+        "{line}"
+    );
+}
+
 /// History reads: `LastN` and `SinceMs` are planned from the relay's ledger (sequence and
 /// time of each kept message per path), not by scanning the key id's whole history, and a
 /// read of several chunks reuses its consumer. Measured by the rows the relay reads

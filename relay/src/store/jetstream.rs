@@ -417,6 +417,10 @@ struct Counters {
     live_only: AtomicU64,
     busy: AtomicU64,
     rows_read: AtomicU64,
+    /// Retained writes followed by a confirming write ([`write_retained`]).
+    retained_confirms: AtomicU64,
+    /// Retained values written again: an older value's write had landed after them.
+    retained_repairs: AtomicU64,
     quota: crate::store::quota::Refusals,
 }
 
@@ -435,6 +439,10 @@ struct Inner {
     queued: Arc<FairLimit<Tag>>,
     /// `true` holds retained writes before they start ([`JetStreamStore::hold_retained_writes`]).
     retained_held: tokio::sync::watch::Sender<bool>,
+    /// `true` holds retained writes before their confirming write
+    /// ([`JetStreamStore::hold_retained_confirms`]); the count of writes waiting there.
+    confirm_held: tokio::sync::watch::Sender<bool>,
+    confirms_parked: tokio::sync::watch::Sender<u32>,
     next_ticket: AtomicU64,
     slots: Mutex<HashMap<u64, Slot>>,
     feed: Mutex<Option<mpsc::Receiver<Sequenced>>>,
@@ -635,6 +643,13 @@ impl JetStreamStore {
                 }
             }
         };
+        let server = client.server_info().version;
+        if cluster.replicas > 1 && !checks_in_flight_writes(&server) {
+            tracing::warn!(
+                nats_server = %server,
+                "cluster store: this nats-server checks Nats-Expected-Last-Subject-Sequence only against the writes it has applied (nats-server issue 4320, fixed in 2.9.21): two relays writing one subject at once can both pass. Retained values are confirmed by the relay; a durable hold or key-id claim taken by two relays at the same moment may have two holders until the next renewal or restart. Use nats-server 2.9.21 or later."
+            );
+        }
         let info = main
             .info()
             .await
@@ -692,6 +707,8 @@ impl JetStreamStore {
             jobs: jobs_tx,
             queued: FairLimit::new(config.queue.max(1), config.queue_bytes),
             retained_held: tokio::sync::watch::Sender::new(false),
+            confirm_held: tokio::sync::watch::Sender::new(false),
+            confirms_parked: tokio::sync::watch::Sender::new(0),
             next_ticket: AtomicU64::new(1),
             slots: Mutex::new(HashMap::new()),
             feed: Mutex::new(Some(feed_rx)),
@@ -1035,6 +1052,21 @@ impl JetStreamStore {
         self.inner.retained_held.send_replace(held);
     }
 
+    /// Holds (`true`) or lets go on (`false`) this store's retained writes between their
+    /// write and its confirming write ([`write_retained`]: an older value's write may land
+    /// in between). For tests; a relay never holds it.
+    #[doc(hidden)]
+    pub fn hold_retained_confirms(&self, held: bool) {
+        self.inner.confirm_held.send_replace(held);
+    }
+
+    /// The number of retained writes waiting, held, before their confirming write. For
+    /// tests.
+    #[doc(hidden)]
+    pub fn retained_confirms_parked(&self) -> tokio::sync::watch::Receiver<u32> {
+        self.inner.confirms_parked.subscribe()
+    }
+
     /// Waits until the durable writer, held ([`hold_durable_writer`](Self::hold_durable_writer)),
     /// waits with a floor it took (in flight). For tests.
     #[doc(hidden)]
@@ -1340,11 +1372,40 @@ async fn publish_loop(
     }
 }
 
+/// Whether nats-server `version` checks `Nats-Expected-Last-Subject-Sequence` against
+/// writes proposed to a clustered stream and not yet applied (nats-server issue 4320, fixed
+/// in 2.9.21). A version it cannot read is taken as fixed (no warning on a guess).
+fn checks_in_flight_writes(version: &str) -> bool {
+    let mut parts = version
+        .split(['.', '-', '+'])
+        .map(|p| p.parse::<u64>().ok());
+    match (
+        parts.next().flatten(),
+        parts.next().flatten(),
+        parts.next().flatten(),
+    ) {
+        (Some(major), Some(minor), Some(patch)) => (major, minor, patch) >= (2, 9, 21),
+        _ => true,
+    }
+}
+
 /// Writes a retained value (`payload`, of stream sequence `seq`, by tenant header value
 /// `tenant`) to the retained stream unless a value with a higher stream sequence is there
 /// already: the stream's order decides, not the order in which relays write
 /// (`Nats-Expected-Last-Subject-Sequence` makes the check and the write one step; a lost
 /// race re-reads and tries again).
+///
+/// **Confirmed when a race was possible.** nats-server before 2.9.21 checks that header
+/// against the messages it has applied, not against those proposed to the stream's
+/// replicas and not yet applied (nats-server issue 4320): in a clustered stream two
+/// relays writing one subject at once can both pass the check, and the one that lands
+/// last stays — an older value over a newer one. A write proposed after this one's
+/// acknowledgement comes after every write that passed the check before this one was
+/// applied, so when such a write may exist — the ordered read knows a retained value of
+/// the path between the one read before writing and `seq`, or cannot tell
+/// ([`Ledger::retained_race_possible`]) — one more checked write of the same value follows (an
+/// older value found there first is replaced: counted as a repair). A newer value found
+/// there ends it: its writer confirms its own.
 async fn write_retained(
     js: &jetstream::Context,
     retained: &stream::Stream,
@@ -1352,17 +1413,24 @@ async fn write_retained(
     payload: &Bytes,
     tenant: Option<&str>,
     seq: u64,
+    confirm: &Confirm,
 ) -> Result<(), StoreError> {
     use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+    // The retained stream's sequence of the first write, once a confirming write is due.
+    let mut confirming: Option<u64> = None;
     for _ in 0..16 {
-        let expect = match retained.get_last_raw_message_by_subject(subject).await {
+        let (expect, seen) = match retained.get_last_raw_message_by_subject(subject).await {
             Ok(m) => {
-                if header_u64(Some(&m.headers), SEQ_HEADER).is_some_and(|s| s >= seq) {
+                let seen = header_u64(Some(&m.headers), SEQ_HEADER).unwrap_or(0);
+                if seen > seq || (seen == seq && confirming != Some(m.sequence)) {
                     return Ok(());
                 }
-                m.sequence
+                if seen < seq && confirming.is_some() {
+                    confirm.count(|c| &c.retained_repairs);
+                }
+                (m.sequence, seen)
             }
-            Err(e) if e.kind() == K::NoMessageFound => 0,
+            Err(e) if e.kind() == K::NoMessageFound => (0, 0),
             Err(e) => return Err(unavailable("retained read", e)),
         };
         let mut h = HeaderMap::new();
@@ -1380,7 +1448,14 @@ async fn write_retained(
             .map_err(|e| unavailable("retained publish", e))?
             .await;
         match r {
-            Ok(_) => return Ok(()),
+            Ok(ack) => {
+                if confirming.is_some() || !confirm.needed(seen, seq) {
+                    return Ok(());
+                }
+                confirming = Some(ack.sequence);
+                confirm.count(|c| &c.retained_confirms);
+                confirm.held().await;
+            }
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {}
             Err(e) => return Err(unavailable("retained publish ack", e)),
         }
@@ -1388,6 +1463,49 @@ async fn write_retained(
     Err(StoreError::Busy(
         "the retained value is being replaced on other relays; publish again".into(),
     ))
+}
+
+/// What a retained write asks after it landed ([`write_retained`]): whether a write of an
+/// older value of its path may still land after it.
+struct Confirm {
+    inner: std::sync::Weak<Inner>,
+    /// The path (the ledger's key): the subject without the retained prefix.
+    path: String,
+}
+
+impl Confirm {
+    /// Whether a retained value of the path lies between `seen` (the value read before
+    /// writing) and `seq` in stream order, or the ordered read cannot tell.
+    fn needed(&self, seen: u64, seq: u64) -> bool {
+        let Some(inner) = self.inner.upgrade() else {
+            return false;
+        };
+        let possible = lock(&inner.ledger).retained_race_possible(&self.path, seen, seq);
+        possible
+    }
+
+    fn count(&self, which: impl Fn(&Counters) -> &AtomicU64) {
+        if let Some(inner) = self.inner.upgrade() {
+            which(&inner.counters).fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Waits while a test holds confirming writes ([`JetStreamStore::hold_retained_confirms`]).
+    async fn held(&self) {
+        let Some((mut held, parked)) = self
+            .inner
+            .upgrade()
+            .map(|i| (i.confirm_held.subscribe(), i.confirms_parked.clone()))
+        else {
+            return;
+        };
+        if !*held.borrow() {
+            return;
+        }
+        parked.send_modify(|n| *n += 1);
+        let _ = held.wait_for(|h| !*h).await;
+        parked.send_modify(|n| *n -= 1);
+    }
 }
 
 /// Purges of older retained-only values waiting or failed, by subject (review finding F-A):
@@ -1609,6 +1727,8 @@ impl Answering {
         js: &jetstream::Context,
         retained: &stream::Stream,
         held: &tokio::sync::watch::Sender<bool>,
+        inner: &std::sync::Weak<Inner>,
+        retained_prefix: &str,
     ) {
         while self.writes.len() < RETAINED_WRITES {
             let Some(by) = self.turns.pop_front() else {
@@ -1630,6 +1750,14 @@ impl Answering {
             let Some(want) = p.next.take() else { continue };
             p.running = true;
             let (js, retained, mut held) = (js.clone(), retained.clone(), held.subscribe());
+            let confirm = Confirm {
+                inner: inner.clone(),
+                path: subject
+                    .strip_prefix(retained_prefix)
+                    .and_then(|p| p.strip_prefix('.'))
+                    .unwrap_or(&subject)
+                    .to_string(),
+            };
             self.writes.push(Box::pin(async move {
                 // Held by a test ([`JetStreamStore::hold_retained_writes`]).
                 let _ = held.wait_for(|h| !*h).await;
@@ -1640,6 +1768,7 @@ impl Answering {
                     &want.payload,
                     want.tenant.as_deref(),
                     want.seq,
+                    &confirm,
                 )
                 .await;
                 (subject, want, r)
@@ -1733,7 +1862,10 @@ async fn ack_loop(
         Result<jetstream::context::PublishAckFuture, StoreError>,
     )>,
 ) {
-    let Some(held) = inner.upgrade().map(|i| i.retained_held.clone()) else {
+    let Some((held, rp)) = inner
+        .upgrade()
+        .map(|i| (i.retained_held.clone(), retained_prefix(&i.prefix)))
+    else {
         return;
     };
     let mut a = Answering::default();
@@ -1741,7 +1873,7 @@ async fn ack_loop(
     let mut head: Option<(Job, AckFuture)> = None;
     let mut order = 0u64;
     loop {
-        a.start(&js, &retained, &held);
+        a.start(&js, &retained, &held, &inner, &rp);
         let touched = tokio::select! {
             biased;
             Some((subject, want, r)) = a.writes.next(), if !a.writes.is_empty() => {
@@ -3527,6 +3659,8 @@ impl Store for JetStreamStore {
             live_only: c.live_only.load(Relaxed),
             busy_rejections: c.busy.load(Relaxed),
             rows_read: c.rows_read.load(Relaxed),
+            retained_confirms: c.retained_confirms.load(Relaxed),
+            retained_repairs: c.retained_repairs.load(Relaxed),
             quota_tenant_rejections: c.quota.get().0,
             quota_global_rejections: c.quota.get().1,
             quota_reserve_rejections: c.quota.get().2,
@@ -3555,6 +3689,25 @@ impl Store for JetStreamStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// nats-server issue 4320 was fixed in 2.9.21: older versions get the startup warning.
+    #[test]
+    fn versions_before_2_9_21_do_not_check_writes_in_flight() {
+        for v in ["2.9.10", "2.9.20", "2.8.4", "1.4.1"] {
+            assert!(!checks_in_flight_writes(v), "{v}");
+        }
+        for v in [
+            "2.9.21",
+            "2.10.0",
+            "2.10.0-beta.1",
+            "2.11.3",
+            "3.0.0",
+            "",
+            "dev",
+        ] {
+            assert!(checks_in_flight_writes(v), "{v}");
+        }
+    }
 
     /// The sweep follows the shorter of the idle time and the marker keep time (a short
     /// keep time is purged in time even when durables never idle out), 100 ms to 60 s.

@@ -3637,6 +3637,7 @@ impl Store for SqliteStore {
             checkpoints: m.checkpoints.load(Relaxed),
             wal_truncations: m.wal_truncations.load(Relaxed),
             rows_read: m.rows_read.load(Relaxed),
+            ..StoreMetrics::default()
         }
     }
 

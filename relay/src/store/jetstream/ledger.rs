@@ -50,6 +50,11 @@ struct PathUse {
     owner: u32,
     kept: VecDeque<Entry>,
     retained: Option<Entry>,
+    /// The retained value `retained` replaced in stream order (0: none), `None` when not
+    /// known (`retained` was read from the retained stream at start): what a retained
+    /// write asks to learn whether a write of an older value may land after it
+    /// ([`Ledger::retained_race_possible`]).
+    retained_prev: Option<u64>,
     /// Retained-only values (QoS 0 + `RETAIN`) still in the stream under `r.<path>`, oldest
     /// first: each is a stream message until a newer one's purge, the per-subject limit or
     /// the age limit removes it, charged to its tenant like a kept message meanwhile.
@@ -278,7 +283,7 @@ impl Ledger {
             }
         }
         if retain {
-            self.set_retained(&key, e);
+            self.set_retained(&key, e, true);
         }
         self.drop_if_empty(&key);
     }
@@ -308,8 +313,27 @@ impl Ledger {
                 tenant,
                 size,
             },
+            false,
         );
         self.drop_if_empty(&key);
+    }
+
+    /// Whether a write of an older retained value of `path` may land after this relay's
+    /// write of value `seq`, which read value `seen` (0: none) before writing: the ordered
+    /// read knows a value of the path between the two, or cannot tell (it has not reached
+    /// `seq`, or the value before it was read at start). A newer value known here ends
+    /// it: the newer value's writer confirms its own write ([`write_retained`]).
+    ///
+    /// [`write_retained`]: super::write_retained
+    pub fn retained_race_possible(&self, path: &str, seen: u64, seq: u64) -> bool {
+        let Some(p) = self.paths.get(path) else {
+            return true;
+        };
+        match p.retained {
+            Some(e) if e.seq > seq => false,
+            Some(e) if e.seq == seq => p.retained_prev.is_none_or(|prev| prev > seen),
+            _ => true,
+        }
     }
 
     /// The path's key, creating the path (owned by `tenant`) when new.
@@ -330,7 +354,9 @@ impl Ledger {
         k
     }
 
-    fn set_retained(&mut self, key: &Arc<str>, e: Entry) {
+    /// `in_order`: `e` comes from the ordered read of the stream (so the value it replaces
+    /// is the one before it), not from the retained stream at start.
+    fn set_retained(&mut self, key: &Arc<str>, e: Entry, in_order: bool) {
         let Some(p) = self.paths.get_mut(key) else {
             return;
         };
@@ -338,6 +364,7 @@ impl Ledger {
             return;
         }
         let old = p.retained.replace(e);
+        p.retained_prev = in_order.then(|| old.map_or(0, |o| o.seq));
         if let Some(old) = old {
             self.remove_entry(old.tenant, old.size, 0, 1);
         }
@@ -743,6 +770,31 @@ mod tests {
                 share: [0; 5],
             },
         }
+    }
+
+    /// A retained write may have raced an older value's write when the ordered read knows
+    /// a value of the path between the one the write read and its own, or cannot tell;
+    /// not once a newer value is known (its writer confirms).
+    #[test]
+    fn a_retained_race_is_possible_only_past_a_value_the_write_did_not_read() {
+        let mut l = Ledger::new(limits());
+        let t = [1u8; 16];
+        l.apply(5, 1, "k.p", &t, 10, true, true, None);
+        assert!(!l.retained_race_possible("k.p", 0, 5), "the first value");
+        assert!(
+            l.retained_race_possible("k.p", 0, 7),
+            "not read that far yet"
+        );
+        l.apply(7, 2, "k.p", &t, 10, true, true, None);
+        assert!(l.retained_race_possible("k.p", 0, 7), "5 was not read");
+        assert!(!l.retained_race_possible("k.p", 5, 7));
+        assert!(!l.retained_race_possible("k.p", 0, 5), "7 is newer");
+        l.apply_retained(9, 3, "k.q", &t, 10);
+        assert!(
+            l.retained_race_possible("k.q", 8, 9),
+            "read at start: unknown"
+        );
+        assert!(l.retained_race_possible("k.r", 0, 1), "no such path yet");
     }
 
     /// The reserve counts writes in flight like stored ones: a tenant whose writes have
