@@ -1975,6 +1975,34 @@ async fn key_id_claims_hold_across_the_cluster() {
     )
     .await;
 
+    // A second record of a claimed key id is refused by the stream itself (a racing
+    // claim that passed nats-server's check before 2.9.21, issue 4320, written here
+    // without the check): the first record stays. Before: the later record replaced it.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.nodes[0].url()).await.unwrap());
+    let subject = format!("wsp_claim.{}", hex::encode(key(41).as_bytes()));
+    let claims = js.get_stream("WSP_CLAIMS").await.unwrap();
+    let first = claims
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .unwrap();
+    let racing = js
+        .publish(subject.clone(), Bytes::from_static(b"a racing group"))
+        .await
+        .unwrap()
+        .await;
+    assert!(
+        racing.is_err(),
+        "a second claim record is refused: {racing:?}"
+    );
+    let kept = claims
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .unwrap();
+    assert_eq!(
+        (kept.sequence, kept.payload),
+        (first.sequence, first.payload)
+    );
+
     // A relay started now knows the claim (it reads it from the stream on first use).
     let c = relay("claims-c");
     let mut mc = token_client(c.tcp(), &mallory).await;
@@ -2009,6 +2037,45 @@ async fn key_id_claims_hold_across_the_cluster() {
         whispeer_protocol::ErrorCode::AuthFailed
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A claims stream made by an older relay (a second record of a key id replaced the first)
+/// is set at start to refuse second records, as a new one is made.
+#[tokio::test]
+async fn an_older_claims_stream_is_set_to_refuse_second_records() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let js = async_nats::jetstream::new(async_nats::connect(nats.nodes[0].url()).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "WSP_CLAIMS".into(),
+        subjects: vec!["wsp_claim.>".into()],
+        max_messages_per_subject: 1,
+        num_replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let _relay = start_relay(&nats.urls(), "relay-a");
+    let mut claims = js.get_stream("WSP_CLAIMS").await.unwrap();
+    let c = &claims.info().await.unwrap().config;
+    assert_eq!(
+        (c.discard, c.discard_new_per_subject),
+        (async_nats::jetstream::stream::DiscardPolicy::New, true)
+    );
+    let subject = format!("wsp_claim.{}", hex::encode(key(43).as_bytes()));
+    js.publish(subject.clone(), Bytes::from_static(b"first"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let second = js
+        .publish(subject, Bytes::from_static(b"second"))
+        .await
+        .unwrap()
+        .await;
+    assert!(second.is_err(), "{second:?}");
 }
 
 /// The cluster's account list in JetStream (`[cluster] shared_accounts`): accounts added

@@ -593,6 +593,12 @@ impl JetStreamStore {
             name: format!("{name}_CLAIMS"),
             subjects: vec![format!("{}.>", claim_prefix(&prefix))],
             max_messages_per_subject: 1,
+            // Written once: the stream itself refuses a second record of a key id, as
+            // every replica applies it — the first writer wins even where nats-server's
+            // check of `Nats-Expected-Last-Subject-Sequence` lets two racing writes pass
+            // (before 2.9.21, nats-server issue 4320).
+            discard: stream::DiscardPolicy::New,
+            discard_new_per_subject: true,
             storage: stream::StorageType::File,
             num_replicas: cluster.replicas,
             ..Default::default()
@@ -626,10 +632,21 @@ impl JetStreamStore {
                     .get_or_create_stream(lease_cfg.clone())
                     .await
                     .map_err(|e| unavailable("durable lease stream", e))?;
-                let claims = js
+                let mut claims = js
                     .get_or_create_stream(claim_cfg.clone())
                     .await
                     .map_err(|e| unavailable("claim stream", e))?;
+                // A stream made by an older relay: refusing second records is set on it.
+                let c = &claims.cached_info().config;
+                if c.discard != claim_cfg.discard || !c.discard_new_per_subject {
+                    js.update_stream(claim_cfg.clone())
+                        .await
+                        .map_err(|e| unavailable("claim stream update", e))?;
+                    claims = js
+                        .get_stream(&claim_cfg.name)
+                        .await
+                        .map_err(|e| unavailable("claim stream", e))?;
+                }
                 Ok::<_, StoreError>((main, durables, leases, claims))
             }
             .await;
@@ -647,7 +664,7 @@ impl JetStreamStore {
         if cluster.replicas > 1 && !checks_in_flight_writes(&server) {
             tracing::warn!(
                 nats_server = %server,
-                "cluster store: this nats-server checks Nats-Expected-Last-Subject-Sequence only against the writes it has applied (nats-server issue 4320, fixed in 2.9.21): two relays writing one subject at once can both pass. Retained values are confirmed by the relay; a durable hold or key-id claim taken by two relays at the same moment may have two holders until the next renewal or restart. Use nats-server 2.9.21 or later."
+                "cluster store: this nats-server checks Nats-Expected-Last-Subject-Sequence only against the writes it has applied (nats-server issue 4320, fixed in 2.9.21): two relays writing one subject at once can both pass. Retained values are confirmed by the relay and key-id claims refused by their stream after the first; a durable hold taken at two relays at the same moment may have two holders until the loser's first renewal (a third of durable_lease_ms), and a durable created at two relays at once may end with either owner. Use nats-server 2.9.21 or later."
             );
         }
         let info = main
@@ -1985,7 +2002,17 @@ async fn write_claim(
             Ok(_) => return Ok(Some((tag.clone(), true))),
             // Another relay wrote it in between: read it.
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {}
-            Err(e) => return Err(unavailable("claim write ack", e)),
+            // Refused by the stream (a record is there: one write per key id) when a racing
+            // write passed the check too; else NATS failed.
+            Err(e) => match stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) => {
+                    return Ok(Some((
+                        String::from_utf8_lossy(&m.payload).into_owned(),
+                        false,
+                    )))
+                }
+                Err(_) => return Err(unavailable("claim write ack", e)),
+            },
         }
     }
     Err(StoreError::Busy(
