@@ -350,28 +350,36 @@ async fn wait_released(watch: &mut async_nats::jetstream::consumer::pull::Ordere
 }
 
 /// The newest hold record of the cluster (one durable held in the test): its NATS
-/// timestamp (Unix ms) and the TTL it names (ms).
+/// timestamp (Unix ms) and the TTL it names (ms). Barrier records (`….barrier.<relay>`,
+/// written after a take on a nats-server before 2.9.21) are not holds.
 async fn newest_hold(nats: &NatsCluster) -> (i128, u64) {
     use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
     let nc = async_nats::connect(nats.nodes[0].url()).await.unwrap();
     let js = async_nats::jetstream::new(nc);
     let leases = js.get_stream("WSP_LEASES").await.unwrap();
-    let m = leases
+    let mut all = leases
         .create_consumer(OrderedConfig {
-            deliver_policy: DeliverPolicy::Last,
+            deliver_policy: DeliverPolicy::All,
             ..Default::default()
         })
         .await
         .unwrap()
         .messages()
         .await
-        .unwrap()
-        .next()
-        .await
-        .expect("a hold record")
         .unwrap();
-    let stamped = m.info().unwrap().published.unix_timestamp_nanos() / 1_000_000;
-    let text = String::from_utf8(m.payload.to_vec()).unwrap();
+    let mut newest = None;
+    loop {
+        let m = all.next().await.expect("a hold record").unwrap();
+        let info = m.info().unwrap();
+        if !m.subject.contains(".barrier.") {
+            let stamped = info.published.unix_timestamp_nanos() / 1_000_000;
+            newest = Some((stamped, String::from_utf8(m.payload.to_vec()).unwrap()));
+        }
+        if info.pending == 0 {
+            break;
+        }
+    }
+    let (stamped, text) = newest.expect("a hold record");
     let ttl = text
         .split_whitespace()
         .nth(1)
@@ -1430,8 +1438,9 @@ async fn a_retained_value_overtaken_by_an_older_racing_write_is_written_again() 
     let a = open_store(&nats.urls(), "relay-a").await;
     let b = open_store(&nats.urls(), "relay-b").await;
     a.hold_retained_writes(true);
-    b.hold_retained_confirms(true);
-    let mut parked = b.retained_confirms_parked();
+    b.confirm_writes(true);
+    b.hold_write_confirms(true);
+    let mut parked = b.write_confirms_parked();
     type Answer = tokio::sync::mpsc::UnboundedReceiver<Result<Accepted, StoreError>>;
     let publish = |store: &whispeer_relay::store::JetStreamStore, n: u32| -> Answer {
         let env = numbered(61, &[7], n);
@@ -1498,7 +1507,7 @@ async fn a_retained_value_overtaken_by_an_older_racing_write_is_written_again() 
         .unwrap();
     let last = rs.get_last_raw_message_by_subject(&subject).await.unwrap();
     assert_eq!(wsp_seq(&last), Some(older.sequence.to_string()));
-    b.hold_retained_confirms(false);
+    b.hold_write_confirms(false);
     let newer = answered(&mut at_b).await;
     assert!(newer > older.sequence);
     let last = rs.get_last_raw_message_by_subject(&subject).await.unwrap();
@@ -3483,6 +3492,57 @@ async fn a_durable_created_again_by_another_tenant_counts_for_that_tenant_at_a_r
             (Err(StoreError::QuotaExceeded(_)), Ok(()))
         ),
         "at B: T2's second durable {t2_second:?} (quota 1), T1's only one {t1_first:?}"
+    );
+}
+
+/// nats-server before 2.9.21 lets two relays' conditional writes of one durable hold pass
+/// when they reach the stream at the same moment (issue 4320): both would hold it. After
+/// its write a relay writes a barrier record in the lease stream and reads the hold again;
+/// a record after its own is the other relay's, which holds it. Driven at one store with
+/// that step held: the racing relay's record lands after A's write (written here as the
+/// race would); let go, A's take is refused (`busy`: "just taken at another relay").
+/// Before: A held it too (and so did the other relay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_hold_taken_at_once_at_another_relay_is_not_held_twice() {
+    use whispeer_relay::store::{DurableKey, HoldLost, Store, StoreError};
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let a = open_store(&nats.urls(), "relay-a").await;
+    a.confirm_writes(true);
+    a.hold_write_confirms(true);
+    let mut parked = a.write_confirms_parked();
+    let d = DurableKey {
+        key_id: key(71),
+        name: "d".into(),
+    };
+    let (s, k) = (a.clone(), d.clone());
+    let (tx, _lost) = tokio::sync::mpsc::unbounded_channel();
+    let take = tokio::spawn(on_worker(move || s.hold_durable(&k, &HoldLost::new(tx, 1))));
+    tokio::time::timeout(TIMEOUT, parked.wait_for(|n| *n == 1))
+        .await
+        .expect("A's take waits after its write")
+        .unwrap();
+    // A's record is the stream's only one: the racing relay's lands after it.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.nodes[0].url()).await.unwrap());
+    let mut leases = js.get_stream("WSP_LEASES").await.unwrap();
+    let last = leases.info().await.unwrap().state.last_sequence;
+    let ours = leases.get_raw_message(last).await.unwrap();
+    assert!(!ours.subject.contains(".barrier."), "{}", ours.subject);
+    js.publish(
+        ours.subject.to_string(),
+        Bytes::from_static(b"0123456789abcdef:1 6000"),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    a.hold_write_confirms(false);
+    let r = take.await.unwrap();
+    assert!(
+        matches!(&r, Err(StoreError::Held(m)) if m.contains("just taken at another relay")),
+        "{r:?}"
     );
 }
 

@@ -439,10 +439,9 @@ struct Inner {
     queued: Arc<FairLimit<Tag>>,
     /// `true` holds retained writes before they start ([`JetStreamStore::hold_retained_writes`]).
     retained_held: tokio::sync::watch::Sender<bool>,
-    /// `true` holds retained writes before their confirming write
-    /// ([`JetStreamStore::hold_retained_confirms`]); the count of writes waiting there.
-    confirm_held: tokio::sync::watch::Sender<bool>,
-    confirms_parked: tokio::sync::watch::Sender<u32>,
+    /// Whether conditional writes are confirmed (nats-server before 2.9.21), and the
+    /// tests' hold on them ([`lease::WriteConfirms`]).
+    confirms: Arc<lease::WriteConfirms>,
     next_ticket: AtomicU64,
     slots: Mutex<HashMap<u64, Slot>>,
     feed: Mutex<Option<mpsc::Receiver<Sequenced>>>,
@@ -661,10 +660,12 @@ impl JetStreamStore {
             }
         };
         let server = client.server_info().version;
-        if cluster.replicas > 1 && !checks_in_flight_writes(&server) {
+        let unchecked = cluster.replicas > 1 && !checks_in_flight_writes(&server);
+        let confirms = Arc::new(lease::WriteConfirms::new(unchecked));
+        if unchecked {
             tracing::warn!(
                 nats_server = %server,
-                "cluster store: this nats-server checks Nats-Expected-Last-Subject-Sequence only against the writes it has applied (nats-server issue 4320, fixed in 2.9.21): two relays writing one subject at once can both pass. Retained values are confirmed by the relay and key-id claims refused by their stream after the first; a durable hold taken at two relays at the same moment may have two holders until the loser's first renewal (a third of durable_lease_ms), and a durable created at two relays at once may end with either owner. Use nats-server 2.9.21 or later."
+                "cluster store: this nats-server checks Nats-Expected-Last-Subject-Sequence only against the writes it has applied (nats-server issue 4320, fixed in 2.9.21): two relays writing one subject at once can both pass. The relay confirms retained writes that may have raced and settles each durable hold it takes (one more write and read each); key-id claims are refused by their stream after the first. Use nats-server 2.9.21 or later to spare that cost."
             );
         }
         let info = main
@@ -724,8 +725,7 @@ impl JetStreamStore {
             jobs: jobs_tx,
             queued: FairLimit::new(config.queue.max(1), config.queue_bytes),
             retained_held: tokio::sync::watch::Sender::new(false),
-            confirm_held: tokio::sync::watch::Sender::new(false),
-            confirms_parked: tokio::sync::watch::Sender::new(0),
+            confirms: confirms.clone(),
             next_ticket: AtomicU64::new(1),
             slots: Mutex::new(HashMap::new()),
             feed: Mutex::new(Some(feed_rx)),
@@ -769,6 +769,7 @@ impl JetStreamStore {
                 &prefix_for_leases,
                 js.clone(),
                 lease_stream,
+                confirms,
             )),
         });
         tokio::spawn(lease::renew_loop(
@@ -1069,19 +1070,26 @@ impl JetStreamStore {
         self.inner.retained_held.send_replace(held);
     }
 
-    /// Holds (`true`) or lets go on (`false`) this store's retained writes between their
-    /// write and its confirming write ([`write_retained`]: an older value's write may land
-    /// in between). For tests; a relay never holds it.
+    /// Holds (`true`) or lets go on (`false`) this store's conditional writes between the
+    /// write and its confirmation (a retained value's confirming write, a durable hold's
+    /// settling read: [`write_retained`], [`lease::WriteConfirms`]) — where a racing write
+    /// may land. For tests; a relay never holds it.
     #[doc(hidden)]
-    pub fn hold_retained_confirms(&self, held: bool) {
-        self.inner.confirm_held.send_replace(held);
+    pub fn hold_write_confirms(&self, held: bool) {
+        self.inner.confirms.hold(held);
     }
 
-    /// The number of retained writes waiting, held, before their confirming write. For
-    /// tests.
+    /// The number of writes waiting, held, before their confirmation. For tests.
     #[doc(hidden)]
-    pub fn retained_confirms_parked(&self) -> tokio::sync::watch::Receiver<u32> {
-        self.inner.confirms_parked.subscribe()
+    pub fn write_confirms_parked(&self) -> tokio::sync::watch::Receiver<u32> {
+        self.inner.confirms.parked()
+    }
+
+    /// Confirms conditional writes (`true`) as on a nats-server before 2.9.21, whatever
+    /// the server (the relay decides by the server's version at start). For tests.
+    #[doc(hidden)]
+    pub fn confirm_writes(&self, on: bool) {
+        self.inner.confirms.set(on);
     }
 
     /// Waits until the durable writer, held ([`hold_durable_writer`](Self::hold_durable_writer)),
@@ -1497,6 +1505,9 @@ impl Confirm {
         let Some(inner) = self.inner.upgrade() else {
             return false;
         };
+        if !inner.confirms.on() {
+            return false;
+        }
         let possible = lock(&inner.ledger).retained_race_possible(&self.path, seen, seq);
         possible
     }
@@ -1507,21 +1518,12 @@ impl Confirm {
         }
     }
 
-    /// Waits while a test holds confirming writes ([`JetStreamStore::hold_retained_confirms`]).
+    /// Waits while a test holds confirmations ([`JetStreamStore::hold_write_confirms`]).
     async fn held(&self) {
-        let Some((mut held, parked)) = self
-            .inner
-            .upgrade()
-            .map(|i| (i.confirm_held.subscribe(), i.confirms_parked.clone()))
-        else {
-            return;
-        };
-        if !*held.borrow() {
-            return;
+        let confirms = self.inner.upgrade().map(|i| i.confirms.clone());
+        if let Some(c) = confirms {
+            c.gate().await;
         }
-        parked.send_modify(|n| *n += 1);
-        let _ = held.wait_for(|h| !*h).await;
-        parked.send_modify(|n| *n -= 1);
     }
 }
 

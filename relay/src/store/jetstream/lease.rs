@@ -19,6 +19,15 @@
 //!   is later than the renewal's send time). A relay frozen (SIGSTOP) past the TTL ends its
 //!   holder first thing when it runs again.
 //!
+//! - **Settle** (on nats-server before 2.9.21 with replicas). Such a server checks
+//!   `Nats-Expected-Last-Subject-Sequence` only against writes it has applied (nats-server
+//!   issue 4320): two relays taking one lease at the same moment can both pass. So after
+//!   its write a relay writes a record of its own elsewhere in the stream (a barrier: it
+//!   comes after every write that passed the check with its own), then reads the lease
+//!   again from the stream's leader: a record after its own means another relay's write
+//!   landed last — that relay holds the lease and this `Sub` is refused. Both relays read
+//!   the same last record, so exactly one holds. Cost: one more write and read per take.
+//!
 //! A record is `<holder> <ttl ms>` where `<holder>` is this relay run's random id and a
 //! counter per hold; the TTL is the holder's (`[cluster] durable_lease_ms`), so relays
 //! configured differently still agree on when a lease expires. Expiry compares the
@@ -36,6 +45,54 @@ use bytes::Bytes;
 
 use super::{lock, unavailable};
 use crate::store::{DurableKey, HoldLost, StoreError};
+
+/// Confirmations of conditional writes, made on a nats-server that checks them only
+/// against the writes it has applied (before 2.9.21: nats-server issue 4320) with
+/// replicated streams: a durable hold's settling read ([`Leases::take`]) and a retained
+/// value's confirming write (`write_retained`). Tests can hold them between the write and
+/// its confirmation, where a racing write may land.
+pub(crate) struct WriteConfirms {
+    on: std::sync::atomic::AtomicBool,
+    held: tokio::sync::watch::Sender<bool>,
+    parked: tokio::sync::watch::Sender<u32>,
+}
+
+impl WriteConfirms {
+    pub(super) fn new(on: bool) -> Self {
+        Self {
+            on: std::sync::atomic::AtomicBool::new(on),
+            held: tokio::sync::watch::Sender::new(false),
+            parked: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    pub(super) fn on(&self) -> bool {
+        self.on.load(Relaxed)
+    }
+
+    pub(super) fn set(&self, on: bool) {
+        self.on.store(on, Relaxed);
+    }
+
+    pub(super) fn hold(&self, held: bool) {
+        self.held.send_replace(held);
+    }
+
+    pub(super) fn parked(&self) -> tokio::sync::watch::Receiver<u32> {
+        self.parked.subscribe()
+    }
+
+    /// Waits while a test holds confirmations, counted in [`parked`](Self::parked).
+    pub(super) async fn gate(&self) {
+        let mut held = self.held.subscribe();
+        if !*held.borrow() {
+            return;
+        }
+        self.parked.send_modify(|n| *n += 1);
+        let _ = held.wait_for(|h| !*h).await;
+        self.parked.send_modify(|n| *n -= 1);
+    }
+}
 
 /// A lease subject's last record ([`Leases::last_record`]).
 struct LastRecord {
@@ -71,6 +128,7 @@ pub(super) struct Leases {
     stream: stream::Stream,
     held: Mutex<HashMap<String, Held>>,
     next: AtomicU64,
+    confirms: std::sync::Arc<WriteConfirms>,
 }
 
 /// The lease stream's subject prefix.
@@ -107,6 +165,7 @@ impl Leases {
         prefix: &str,
         js: jetstream::Context,
         stream: stream::Stream,
+        confirms: std::sync::Arc<WriteConfirms>,
     ) -> Self {
         let mut id = [0u8; 8];
         getrandom::getrandom(&mut id).expect("OS random number generator");
@@ -118,6 +177,7 @@ impl Leases {
             stream,
             held: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
+            confirms,
         }
     }
 
@@ -140,6 +200,27 @@ impl Leases {
             }
             Err(e) => Err(WriteError::Failed(e.to_string())),
         }
+    }
+
+    /// Whether this relay's record of `k` at stream sequence `seq` is the lease's last one
+    /// once every write that passed the check with it has landed (see the module docs,
+    /// "Settle"); `true` at once where the server checks writes in flight.
+    async fn settled(&self, k: &str, seq: u64) -> Result<bool, String> {
+        if !self.confirms.on() {
+            return Ok(true);
+        }
+        self.confirms.gate().await;
+        self.js
+            .publish(
+                format!("{}.barrier.{}", self.prefix, self.relay_id),
+                Bytes::from_static(b"barrier"),
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let last = self.last_record(k).await.map_err(|e| e.to_string())?;
+        Ok(last.seq == seq)
     }
 
     fn record(&self, holder: &str) -> Bytes {
@@ -172,6 +253,16 @@ impl Leases {
         let sent = Instant::now();
         match self.write(k, last, self.record(&holder)).await {
             Ok(seq) => {
+                match self.settled(k, seq).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Err(StoreError::Held(format!(
+                            "durable subscription {:?} was just taken at another relay",
+                            key.name
+                        )))
+                    }
+                    Err(e) => return Err(unavailable("durable hold settle", e)),
+                }
                 lock(&self.held).insert(
                     k.to_string(),
                     Held {
@@ -257,7 +348,7 @@ impl Leases {
             self.next.fetch_add(1, Relaxed)
         );
         match self.write(k, last, self.record(&holder)).await {
-            Ok(seq) => Ok(Some(seq)),
+            Ok(seq) => Ok(self.settled(k, seq).await?.then_some(seq)),
             Err(WriteError::Moved) => Ok(None),
             Err(WriteError::Failed(e)) => Err(e),
         }
