@@ -635,16 +635,23 @@ impl JetStreamStore {
                     .get_or_create_stream(claim_cfg.clone())
                     .await
                     .map_err(|e| unavailable("claim stream", e))?;
-                // A stream made by an older relay: refusing second records is set on it.
+                // A stream made by an older relay: refusing second records is set on it
+                // (if NATS refuses the change, claims rely on the conditional write alone:
+                // said, not fatal).
                 let c = &claims.cached_info().config;
                 if c.discard != claim_cfg.discard || !c.discard_new_per_subject {
-                    js.update_stream(claim_cfg.clone())
-                        .await
-                        .map_err(|e| unavailable("claim stream update", e))?;
-                    claims = js
-                        .get_stream(&claim_cfg.name)
-                        .await
-                        .map_err(|e| unavailable("claim stream", e))?;
+                    match js.update_stream(claim_cfg.clone()).await {
+                        Ok(_) => {
+                            claims = js
+                                .get_stream(&claim_cfg.name)
+                                .await
+                                .map_err(|e| unavailable("claim stream", e))?;
+                        }
+                        Err(e) => tracing::warn!(
+                            error = %e,
+                            "cluster store: the claims stream could not be set to refuse a second record of a key id; two relays claiming one key id at the same moment rely on the conditional write alone"
+                        ),
+                    }
                 }
                 Ok::<_, StoreError>((main, durables, leases, claims))
             }
