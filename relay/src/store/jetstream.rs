@@ -666,8 +666,12 @@ impl JetStreamStore {
                 }
             }
         };
-        let server = client.server_info().version;
-        let unchecked = cluster.replicas > 1 && !checks_in_flight_writes(&server);
+        // Replicated streams, or a clustered server (whose streams go through its cluster
+        // even with one replica).
+        let info = client.server_info();
+        let server = info.version;
+        let unchecked = (cluster.replicas > 1 || info.cluster.is_some())
+            && !checks_in_flight_writes(&server);
         let confirms = Arc::new(lease::WriteConfirms::new(unchecked));
         if unchecked {
             tracing::warn!(
