@@ -2087,6 +2087,73 @@ async fn an_older_claims_stream_is_set_to_refuse_second_records() {
     assert!(second.is_err(), "{second:?}");
 }
 
+/// Two edits of the cluster's account list at the same moment (nats-server before 2.9.21
+/// lets both conditional writes pass, issue 4320): the later-landing version, made from
+/// the same older one, would drop the other edit — an account added lost, or a removal
+/// undone. An edit is settled: a barrier, then the versions after it read back along
+/// `Wsp-After`. Driven step by step: A writes its version; a racing version made from the
+/// same older one lands after it (written here without the check, as the race would); A's
+/// settle says its edit is not in the list (the tool then reads again and redoes it). A
+/// version made from A's is a later edit that contains it: settled. Before: no settle, A's
+/// edit was reported done and lost.
+#[tokio::test]
+async fn an_account_list_edit_replaced_by_a_racing_one_is_made_again() {
+    use whispeer_relay::config::ClusterConfig;
+    use whispeer_relay::store::jetstream::accounts as list;
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let cluster = ClusterConfig {
+        urls: nats.urls().split(',').map(str::to_string).collect(),
+        replicas: 3,
+        ..ClusterConfig::default()
+    };
+    let js = async_nats::jetstream::new(async_nats::connect(nats.nodes[0].url()).await.unwrap());
+    let stream = list::open(&js, &cluster).await.unwrap();
+    let v1 = list::write(&js, &cluster, 0, "v1".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        list::settled(&js, &cluster, v1).await.unwrap(),
+        "alone: settled"
+    );
+    // A's edit, made from v1, lands; then the racing edit also made from v1.
+    let a = list::write(&js, &cluster, v1, "v1 + a".into())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Wsp-After", v1.to_string().as_str());
+    js.publish_with_headers("wsp_accounts.list", h, Bytes::from_static(b"v1 + b"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        !list::settled(&js, &cluster, a).await.unwrap(),
+        "A's edit was replaced by a version without it: to be made again"
+    );
+    let (latest, text) = list::latest(&stream, &cluster).await.unwrap().unwrap();
+    assert_eq!(text, "v1 + b");
+    // Made again from the racing version: settled, and a later edit made from it keeps it.
+    let again = list::write(&js, &cluster, latest, "v1 + b + a".into())
+        .await
+        .unwrap()
+        .unwrap();
+    let later = list::write(&js, &cluster, again, "v1 + b + a + c".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(list::settled(&js, &cluster, again).await.unwrap());
+    assert!(list::settled(&js, &cluster, later).await.unwrap());
+    // `replace` answers `false` when `after` is not the latest (the check alone).
+    assert!(!list::replace(&js, &cluster, v1, "stale".into())
+        .await
+        .unwrap());
+}
+
 /// The cluster's account list in JetStream (`[cluster] shared_accounts`): accounts added
 /// once with `whispeer-relay account add --config relay.toml` are admitted at every relay
 /// (none reads an account file) — including one started afterwards — and removing one

@@ -669,9 +669,8 @@ impl JetStreamStore {
         // Replicated streams, or a clustered server (whose streams go through its cluster
         // even with one replica).
         let info = client.server_info();
+        let unchecked = needs_confirms(&info, cluster.replicas);
         let server = info.version;
-        let unchecked = (cluster.replicas > 1 || info.cluster.is_some())
-            && !checks_in_flight_writes(&server);
         let confirms = Arc::new(lease::WriteConfirms::new(unchecked));
         if unchecked {
             tracing::warn!(
@@ -1406,6 +1405,13 @@ async fn publish_loop(
             return;
         }
     }
+}
+
+/// Whether conditional writes need confirming on the server `info` describes: one that
+/// does not check writes in flight ([`checks_in_flight_writes`]) whose streams go through
+/// its cluster (replicated, or a clustered server).
+pub(crate) fn needs_confirms(info: &async_nats::ServerInfo, replicas: usize) -> bool {
+    (replicas > 1 || info.cluster.is_some()) && !checks_in_flight_writes(&info.version)
 }
 
 /// Whether nats-server `version` checks `Nats-Expected-Last-Subject-Sequence` against

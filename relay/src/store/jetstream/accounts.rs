@@ -7,7 +7,11 @@
 //! write it back only if it is still the latest (`Nats-Expected-Last-Subject-Sequence`),
 //! else start over — and every relay follows the subject and installs each new version at
 //! once ([`crate::accounts::Accounts::install`]), closing the connections of accounts that
-//! are gone. The list holds what the file holds: names, groups, rights, public keys and the
+//! are gone. Each version names the one it was made from (header `Wsp-After`). On a
+//! clustered nats-server before 2.9.21 that check can let two editors' writes both pass
+//! (nats-server issue 4320): an edit is then *settled* ([`settled`]): a barrier record
+//! after the write, then the versions after it read back — an edit another version
+//! replaced without containing it is made again. The list holds what the file holds: names, groups, rights, public keys and the
 //! SHA-256 of bearer tokens, never a token or a secret key.
 
 use std::time::Duration;
@@ -68,29 +72,97 @@ pub async fn latest(
     }
 }
 
+/// The header naming the version a version was made from (its stream sequence).
+const AFTER_HEADER: &str = "Wsp-After";
+
 /// Writes `text` as the new version if `after` (a stream sequence, 0 for none) is still
 /// the latest: `Ok(false)` when another writer came first (read again and redo the change).
+/// On a server whose check can let a racing edit pass too, the edit is [`settled`].
 pub async fn replace(
     js: &jetstream::Context,
     cluster: &ClusterConfig,
     after: u64,
     text: String,
 ) -> Result<bool, StoreError> {
+    let Some(seq) = write(js, cluster, after, text).await? else {
+        return Ok(false);
+    };
+    let info = js.client().server_info();
+    if !super::needs_confirms(&info, cluster.replicas) {
+        return Ok(true);
+    }
+    settled(js, cluster, seq).await
+}
+
+/// The conditional write of [`replace`]: the new version's sequence, `None` when `after`
+/// was not the latest.
+pub async fn write(
+    js: &jetstream::Context,
+    cluster: &ClusterConfig,
+    after: u64,
+    text: String,
+) -> Result<Option<u64>, StoreError> {
     let mut h = HeaderMap::new();
     h.insert(
         async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
         after.to_string().as_str(),
     );
+    h.insert(AFTER_HEADER, after.to_string().as_str());
     let r = js
         .publish_with_headers(subject(&cluster.subject_prefix), h, Bytes::from(text))
         .await
         .map_err(|e| unavailable("account list write", e))?
         .await;
     match r {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => Ok(false),
+        Ok(ack) => Ok(Some(ack.sequence)),
+        Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => Ok(None),
         Err(e) => Err(unavailable("account list write", e)),
     }
+}
+
+/// Whether the version written at `seq` is in the list: a barrier record in the stream
+/// (it comes after every write that passed the check with this one), then the versions
+/// from the latest back along `Wsp-After` — reaching `seq` means every later version was
+/// made from it; jumping below it (or a version without the header) means a version made
+/// from an older one replaced it: `false`, read again and redo the change.
+pub async fn settled(
+    js: &jetstream::Context,
+    cluster: &ClusterConfig,
+    seq: u64,
+) -> Result<bool, StoreError> {
+    js.publish(
+        format!("{}_accounts.barrier", cluster.subject_prefix),
+        Bytes::from_static(b"barrier"),
+    )
+    .await
+    .map_err(|e| unavailable("account list barrier", e))?
+    .await
+    .map_err(|e| unavailable("account list barrier", e))?;
+    let stream = open(js, cluster).await?;
+    let latest = stream
+        .get_last_raw_message_by_subject(&subject(&cluster.subject_prefix))
+        .await
+        .map_err(|e| unavailable("account list read", e))?;
+    let (mut at, mut headers) = (latest.sequence, latest.headers);
+    for _ in 0..KEPT {
+        if at == seq {
+            return Ok(true);
+        }
+        let from = headers
+            .get(AFTER_HEADER)
+            .and_then(|v| v.as_str().parse::<u64>().ok());
+        match from {
+            Some(f) if f >= seq => {
+                let m = stream
+                    .get_raw_message(f)
+                    .await
+                    .map_err(|e| unavailable("account list read", e))?;
+                (at, headers) = (m.sequence, m.headers);
+            }
+            _ => return Ok(false),
+        }
+    }
+    Ok(false)
 }
 
 /// Calls `each` with every version of the list written after sequence `after`, in order,
