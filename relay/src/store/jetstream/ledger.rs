@@ -797,6 +797,40 @@ mod tests {
         assert!(l.retained_race_possible("k.r", 0, 1), "no such path yet");
     }
 
+    proptest::proptest! {
+        /// Against a model: a write of the path's newest retained value `seq` that read
+        /// `seen` may have raced exactly when a retained value of the path lies strictly
+        /// between them in stream order (other paths' messages and plain messages of the
+        /// path in between change nothing).
+        #[test]
+        fn a_retained_race_is_possible_exactly_past_a_value_not_read(
+            steps in proptest::collection::vec((0u8..3, proptest::bool::ANY), 1..40),
+            pick in 0usize..64,
+        ) {
+            let mut l = Ledger::new(limits());
+            let t = [1u8; 16];
+            let mut retained = Vec::new();
+            for (i, (path, retain)) in steps.iter().enumerate() {
+                let seq = i as u64 + 1;
+                let path = ["k.p", "k.q", "k.r"][*path as usize];
+                l.apply(seq, seq, path, &t, 10, true, *retain, None);
+                if *retain && path == "k.p" {
+                    retained.push(seq);
+                }
+            }
+            let Some(&newest) = retained.last() else { return Ok(()) };
+            // What the write read: nothing, or any value of the path (newer ones included:
+            // then nothing lies between).
+            let seen = if pick % (retained.len() + 1) == 0 {
+                0
+            } else {
+                retained[pick % (retained.len() + 1) - 1]
+            };
+            let between = retained.iter().any(|v| *v > seen && *v < newest);
+            proptest::prop_assert_eq!(l.retained_race_possible("k.p", seen, newest), between);
+        }
+    }
+
     /// The reserve counts writes in flight like stored ones: a tenant whose writes have
     /// not come back from the stream yet cannot slip past the line with them.
     #[test]
