@@ -51,6 +51,8 @@ pub struct ClientBuilder {
     /// Seal jobs on the worker threads at once (`None`: by core count and
     /// `WHISPEER_SEAL_AHEAD`; 0: inline on the connection task).
     pub(crate) seal_jobs: Option<usize>,
+    /// Steady-stream batching (`None`: `WHISPEER_STEADY_BATCHING`, off by default).
+    pub(crate) steady_batching: Option<bool>,
     pub(crate) sub_capacity: usize,
     pub(crate) name: String,
     pub(crate) plugins: Plugins,
@@ -85,6 +87,7 @@ impl Default for ClientBuilder {
             kept_bytes: 64 * 1024 * 1024,
             publish_buffer: 4 * 1024 * 1024,
             seal_jobs: None,
+            steady_batching: None,
             sub_capacity: 65_536,
             name: format!("whispeer-rs/{}", env!("CARGO_PKG_VERSION")),
             plugins: Plugins::default(),
@@ -161,6 +164,18 @@ impl ClientBuilder {
     /// Frames leave in publish order either way.
     pub fn seal_jobs(mut self, n: usize) -> Self {
         self.seal_jobs = Some(n);
+        self
+    }
+    /// Batch signing of a steady stream (off by default; `WHISPEER_STEADY_BATCHING=1`
+    /// turns it on where this is not called): while lone publishes come at about 6,000 a
+    /// second or more, each waits — at most to the end of the millisecond it came in — for
+    /// up to two more, and they share one signature (and one verification at every
+    /// receiver). At 10k msg/s, 1 KiB, on two cores it took the batch-signed p99 from 5–15
+    /// ms to 2.1–3.2 ms and the CPU per message down by 15–25 %; at moderate steady rates
+    /// (3.5–5k msg/s) it roughly doubles the median latency (≈ 0.2 → 0.5 ms) for less CPU.
+    /// Bursts and sparse publishes are cut as without it (client README, "Steady streams").
+    pub fn steady_batching(mut self, on: bool) -> Self {
+        self.steady_batching = Some(on);
         self
     }
     /// Messages buffered per subscription (default 65,536). At most once: a full buffer

@@ -126,6 +126,9 @@ impl ClientBuilder {
             // more than one core they run on the worker threads (`pool`), in publish order.
             batch: self.policy.batch.unwrap_or(crate::core::DEFAULT_BATCH),
             seal_ahead: seal_jobs.max(1),
+            trickle: self
+                .steady_batching
+                .unwrap_or_else(|| env_or("WHISPEER_STEADY_BATCHING", 0) != 0),
             ..EngineConfig::default()
         };
         // Publishes a previous run kept but never saw acknowledged: re-sent first.

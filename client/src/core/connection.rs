@@ -236,7 +236,7 @@ impl Engine {
         for (pid, order, frame) in std::mem::take(&mut cfg.restored) {
             out.restore(pid, order, frame);
         }
-        let sealing = Sealing::new(cfg.batch, cfg.seal_ahead);
+        let sealing = Sealing::new(cfg.batch, cfg.seal_ahead, cfg.trickle);
         let mut e = Engine {
             sealing,
             closing: false,

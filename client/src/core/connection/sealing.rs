@@ -69,11 +69,40 @@ pub(super) struct Sealing {
     bytes: usize,
     /// QoS ≥ 1 publishes queued or in a unit (already unacknowledged).
     kept: usize,
+    /// Steady-stream batching ([`TRICKLE_LONE`]): on, and its state.
+    trickle: bool,
+    /// The millisecond of the last lone cut, and how many lone cuts it saw.
+    lone_tick: u64,
+    lone_in_tick: u32,
+    /// A steady stream was seen until this millisecond: a lone publish waits for company.
+    trickle_until: u64,
+    /// The queue's lone publish was held for company (its cut, once two, keeps the mode).
+    held: bool,
 }
 
+/// Lone cuts within one millisecond that mark a steady stream (≥ ~6,000 publishes a
+/// second, one at a time). Then each lone publish waits — at most to the end of the
+/// millisecond it came in — for the next, and the two share a signature: a steady stream
+/// at 10k msg/s otherwise pays a signature and, at every receiver, a verification per
+/// message (SPEED-HISTORY, session 55). Bursts (several queued at a cut) and sparse
+/// publishes are cut as before.
+const TRICKLE_LONE: u32 = 6;
+
+/// Publishes a steady stream's batch waits for (at most to the end of the millisecond its
+/// first came in).
+const TRICKLE_BATCH: usize = 3;
+
+/// How long (ms) the steady-stream mode lasts after the cut that set or renewed it.
+const TRICKLE_KEEP_MS: u64 = 2;
+
 impl Sealing {
-    pub(super) fn new(policy: BatchPolicy, ahead: usize) -> Self {
+    pub(super) fn new(policy: BatchPolicy, ahead: usize, trickle: bool) -> Self {
         Sealing {
+            trickle,
+            lone_tick: 0,
+            lone_in_tick: 0,
+            trickle_until: 0,
+            held: false,
             policy,
             ahead: ahead.max(1),
             queue: Vec::new(),
@@ -151,6 +180,7 @@ impl Sealing {
     /// Queues `u` behind everything before it (the queue is cut first, whatever the cap).
     pub(super) fn push_unit(&mut self, u: Unit) {
         self.cut_all();
+        self.held = false;
         if let Unit::Sealed(_, m) = &u {
             self.bytes += m.weight;
             self.kept += usize::from(m.kept());
@@ -160,10 +190,17 @@ impl Sealing {
         self.units.insert(id, u);
     }
 
-    /// When the queue is due by time (a positive window only).
+    /// When the queue is due by time (a positive window, or a lone publish waiting for
+    /// company in a steady stream: the end of its millisecond).
     pub(super) fn deadline(&self) -> Option<u64> {
-        if self.policy.max_wait_us == 0 || self.out >= self.ahead {
+        if self.out >= self.ahead {
             return None;
+        }
+        if self.policy.max_wait_us == 0 {
+            return self
+                .waits_for_company()
+                .then(|| self.since.map(|s| s + 1))
+                .flatten();
         }
         let wait_ms = self.policy.max_wait_us.div_ceil(1000);
         self.since.map(|s| s.saturating_add(wait_ms))
@@ -176,11 +213,48 @@ impl Sealing {
             let due = self.since.is_some_and(|s| {
                 mono.saturating_sub(s).saturating_mul(1000) >= self.policy.max_wait_us
             });
-            if self.full() || due {
-                self.cut(self.take());
+            let hold = self.waits_for_company() && self.since == Some(mono);
+            if hold {
+                self.held = true;
+            } else if self.full() || due {
+                let n = self.take();
+                self.cut(n);
+                self.note_cut(n, mono);
             }
         }
         self.jobs.pop_front()
+    }
+
+    /// Whether the queue is one lone publish of a steady stream (see [`TRICKLE_LONE`]).
+    fn waits_for_company(&self) -> bool {
+        self.trickle
+            && self.policy.max_wait_us == 0
+            && self.queue.len() < TRICKLE_BATCH
+            && self.since.is_some_and(|s| s < self.trickle_until)
+    }
+
+    /// Keeps the steady-stream state after a cut of `n` at `mono`: lone cuts counted per
+    /// millisecond set it, a held publish cut with its company renews it, any other batch
+    /// (a burst queued by itself) ends it.
+    fn note_cut(&mut self, n: usize, mono: u64) {
+        if !self.trickle {
+            return;
+        }
+        let held = std::mem::take(&mut self.held);
+        if n == 1 {
+            if self.lone_tick == mono {
+                self.lone_in_tick += 1;
+            } else {
+                (self.lone_tick, self.lone_in_tick) = (mono, 1);
+            }
+            if self.lone_in_tick >= TRICKLE_LONE {
+                self.trickle_until = mono + TRICKLE_KEEP_MS;
+            }
+        } else if held && n <= TRICKLE_BATCH {
+            self.trickle_until = mono + TRICKLE_KEEP_MS;
+        } else {
+            self.trickle_until = 0;
+        }
     }
 
     fn cut_all(&mut self) {
@@ -290,5 +364,116 @@ impl Sealing {
         self.bytes = 0;
         self.kept = 0;
         (pids, flushes, dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_core::OsRng;
+    use whispeer_protocol::{Keyring, MessageId, Outgoing, SealOptions, Sealer, Topic, TreeKey};
+
+    fn prepared(kr: &Keyring) -> Prepared {
+        let key = kr.topic_key(&Topic::new("t").unwrap()).unwrap();
+        let out = Outgoing {
+            payload: b"x",
+            content_type: "application/octet-stream",
+            msg_id: MessageId::random(&mut OsRng),
+            ts_ms: 1_000,
+        };
+        Sealer::new()
+            .prepare(&key, &out, &SealOptions::default())
+            .unwrap()
+    }
+
+    fn keyring() -> Keyring {
+        let tk = TreeKey::generate_with("b", &mut OsRng).unwrap();
+        let mut kr = Keyring::new();
+        kr.add_tree_key_at(&tk, 0).unwrap();
+        kr
+    }
+
+    fn sealing(trickle: bool) -> Sealing {
+        let policy = BatchPolicy {
+            max_messages: 256,
+            max_wait_us: 0,
+        };
+        Sealing::new(policy, 2, trickle)
+    }
+
+    /// Pushes one publish at `mono` and runs what the driver would: the job cut (its size)
+    /// answered at once, or `None` while the publish waits.
+    fn publish(s: &mut Sealing, kr: &Keyring, mono: u64) -> Option<usize> {
+        s.push(prepared(kr), PubOptions::default(), None, mono);
+        cut(s, mono)
+    }
+
+    fn cut(s: &mut Sealing, mono: u64) -> Option<usize> {
+        let job = s.poll_job(mono)?;
+        let n = job.msgs.len();
+        assert!(s.answer(SealDone {
+            id: job.id,
+            results: Vec::new(),
+        }));
+        while s.pop_ready().is_some() {}
+        Some(n)
+    }
+
+    /// A steady stream (lone publishes, six or more in a millisecond) is signed in threes:
+    /// a lone publish waits for two more, at most to the end of its millisecond (the
+    /// deadline the driver wakes at); a burst (several queued at a cut) ends the mode.
+    #[test]
+    fn a_steady_stream_of_lone_publishes_batches_in_threes_and_a_burst_ends_it() {
+        let kr = keyring();
+        let mut s = sealing(true);
+        for _ in 0..TRICKLE_LONE {
+            assert_eq!(publish(&mut s, &kr, 5), Some(1), "lone, cut at once");
+        }
+        assert_eq!(publish(&mut s, &kr, 5), None, "held for company");
+        assert_eq!(
+            s.deadline(),
+            Some(6),
+            "at most to the end of its millisecond"
+        );
+        assert_eq!(publish(&mut s, &kr, 5), None);
+        assert_eq!(
+            publish(&mut s, &kr, 5),
+            Some(3),
+            "the three share a signature"
+        );
+        // The mode goes on; the stream stops: the lone one leaves the next millisecond.
+        assert_eq!(publish(&mut s, &kr, 6), None);
+        assert_eq!(cut(&mut s, 6), None, "still its millisecond");
+        assert_eq!(cut(&mut s, 7), Some(1), "due at the deadline");
+        // Set again, then a burst queued by itself ends it: its tail is not held.
+        for _ in 0..TRICKLE_LONE {
+            assert_eq!(publish(&mut s, &kr, 9), Some(1));
+        }
+        for _ in 0..4 {
+            s.push(prepared(&kr), PubOptions::default(), None, 9);
+        }
+        assert_eq!(cut(&mut s, 9), Some(4));
+        assert_eq!(
+            publish(&mut s, &kr, 9),
+            Some(1),
+            "after a burst: cut at once"
+        );
+        assert_eq!(s.deadline(), None);
+    }
+
+    /// Sparse lone publishes (fewer than six a millisecond), and an engine without the
+    /// mode (the wasm client), cut every publish at once.
+    #[test]
+    fn sparse_publishes_and_an_engine_without_the_mode_cut_at_once() {
+        let kr = keyring();
+        let mut s = sealing(true);
+        for ms in [1, 1, 1, 1, 1, 2, 3, 3, 5, 6, 6, 6, 6] {
+            assert_eq!(publish(&mut s, &kr, ms), Some(1), "at {ms}");
+        }
+        let mut off = sealing(false);
+        for _ in 0..8 {
+            assert_eq!(publish(&mut off, &kr, 9), Some(1));
+        }
+        assert_eq!(off.deadline(), None);
     }
 }

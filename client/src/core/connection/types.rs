@@ -457,6 +457,12 @@ pub struct EngineConfig {
     /// Most seal jobs out at once (at least 1). While they run, publishes queue up and the
     /// next batch grows by itself. A driver without threads runs each job at once.
     pub seal_ahead: usize,
+    /// Steady-stream batching (with `batch.max_wait_us = 0`): while lone batch-signed
+    /// publishes come at ≥ ~3,000 a second, each waits — at most to the end of the
+    /// millisecond it came in — for the next, and the two share a signature. Needs a
+    /// driver that honours [`Engine::poll_timeout`](super::Engine::poll_timeout) to the
+    /// millisecond (the Rust client's: `ClientBuilder::steady_batching`; off by default).
+    pub trickle: bool,
 }
 
 impl Default for EngineConfig {
@@ -483,6 +489,7 @@ impl Default for EngineConfig {
             open_ahead: 0,
             batch: crate::core::DEFAULT_BATCH,
             seal_ahead: 1,
+            trickle: false,
         }
     }
 }
