@@ -17,6 +17,7 @@ import { loggingProxy } from '../shared/logging-proxy.js';
 import { Client, TreeKey } from '../../js/index.node.js';
 import { setFileStore } from '../../js/persist.js';
 import { openFileStore } from '../../js/persist.node.js';
+import { fakeIndexedDB } from '../shared/fake-indexeddb.js';
 
 /** Frame types (PROTOCOL §3), at byte 2 of a frame whose map and type fit one byte each. */
 const SUB = 3;
@@ -24,99 +25,6 @@ const PUB = 6;
 const ACK = 8;
 const PING = 11;
 
-/**
- * An in-memory IndexedDB (what js/persist.js uses of it). Read-write transactions apply
- * their operations and complete once `hold()`'s gate, if any when they started, is released.
- * With `keep: false` what is added is not kept (a sink: nothing to read back).
- */
-function fakeIndexedDB({ keep = true } = {}) {
-  const dbs = new Map();
-  let gate = null;
-  const later = (f) => setImmediate(f);
-  const request = () => ({ result: undefined, error: null, onsuccess: null, onerror: null, onupgradeneeded: null });
-  const names = (m) => ({
-    get length() {
-      return m.size;
-    },
-    contains: (n) => m.has(n),
-  });
-  const connection = (d) => ({
-    get version() {
-      return d.version;
-    },
-    objectStoreNames: names(d.stores),
-    createObjectStore(n) {
-      d.stores.set(n, []);
-    },
-    close() {},
-    transaction(n, mode) {
-      const ops = [];
-      const tx = {
-        oncomplete: null,
-        onerror: null,
-        onabort: null,
-        error: null,
-        objectStore: () => ({
-          add: (v) => ops.push((rows) => keep && rows.push(v.slice())),
-          clear: () => ops.push((rows) => rows.splice(0)),
-          getAll() {
-            const r = request();
-            later(() => {
-              r.result = d.stores.get(n).slice();
-              r.onsuccess?.();
-            });
-            return r;
-          },
-        }),
-      };
-      const wait = mode === 'readwrite' ? gate : null;
-      later(async () => {
-        await wait;
-        for (const op of ops) op(d.stores.get(n));
-        if (mode === 'readwrite') fake.commits++;
-        tx.oncomplete?.();
-      });
-      return tx;
-    },
-  });
-  let release = () => {};
-  const fake = {
-    commits: 0,
-    factory: {
-      open(name, version) {
-        const r = request();
-        later(() => {
-          let d = dbs.get(name);
-          const fresh = !d;
-          if (fresh) dbs.set(name, (d = { version, stores: new Map() }));
-          r.result = connection(d);
-          if (fresh) r.onupgradeneeded?.();
-          r.onsuccess?.();
-        });
-        return r;
-      },
-    },
-    /**
-     * Transactions started from now on commit only once `release()` is called (or the
-     * function returned, which lets only this hold's transactions go).
-     */
-    hold() {
-      let open;
-      const mine = new Promise((r) => (open = r));
-      gate = mine;
-      release = () => {
-        gate = null;
-        open();
-      };
-      return () => {
-        if (gate === mine) gate = null;
-        open();
-      };
-    },
-    release: () => release(),
-  };
-  return fake;
-}
 
 /**
  * A `Pub` frame (PROTOCOL §3: a map, key 0 the type, key 1 the envelope, key 3 the publish
@@ -520,57 +428,4 @@ test('a store that keeps failing: held Acks go at 4,096 messages, and the relay 
   await sub.close();
   await pub.close();
   rmSync(dir, { recursive: true, force: true });
-});
-
-// Review: each asynchronous write chained the client's write gate with
-// `Promise.all([gate, write])`, whose value is [the previous gate's value, …]: every gate
-// held its predecessor's array, one more for every IndexedDB write for the life of the
-// client (~60 bytes a write: hundreds of MB a day in a busy tab). Kept QoS 1 publishes are
-// saved one write each (and their PubAcks after): 150,000 more of them after a warm-up
-// leave the heap as it was (−0.5 to +0.2 MB measured; bound 8 MB) — 18.8 MB larger with the
-// chain. The database is a sink that keeps nothing (the rows a real one holds until its
-// next compaction swung the heap by ±2 MB), and the count is large because a loaded
-// machine's heap varied by up to 3 MB at 50,000. (A bound on memory, not on time.)
-test('IndexedDB writes leave nothing behind on the heap', { timeout: 300_000 }, async (t) => {
-  // `npm test` starts node with --expose-gc. Setting the flag at run time instead (the
-  // fallback, for a run without it) can crash V8 later in the process (a fatal error in its
-  // deoptimizer, seen about one run in six).
-  let gc = globalThis.gc;
-  if (!gc) {
-    const v8 = await import('node:v8');
-    const vm = await import('node:vm');
-    v8.setFlagsFromString('--expose-gc');
-    gc = vm.runInNewContext('gc');
-  }
-  const heap = () => {
-    gc();
-    gc();
-    return process.memoryUsage().heapUsed;
-  };
-  const tree = TreeKey.generate('heap');
-  const sink = fakeIndexedDB({ keep: false });
-  globalThis.indexedDB = sink.factory; // read at open only
-  const c = await Client.connect(relay.url, { keys: tree, persistence: { indexedDB: 'heap' } }).finally(
-    () => (globalThis.indexedDB = idb.factory),
-  );
-  closeAfter(t, c);
-  const publish = async (n) => {
-    for (let i = 0; i < n; i += 1000) {
-      // A plain loop, not Array.from with a callback: V8 (Node 20) sometimes died with a
-      // fatal error deoptimizing the builtin's continuation around this callback
-      // ("unreachable code" in Deoptimizer::DoComputeBuiltinContinuation).
-      const sent = [];
-      for (let j = 0; j < 1000; j++) sent.push(c.publish('heap/x', i + j, { qos: 1 }));
-      await Promise.all(sent);
-    }
-    await c.persisted();
-  };
-  await publish(10_000);
-  const commits = sink.commits;
-  const before = heap();
-  await publish(150_000);
-  const grown = heap() - before;
-  assert.ok(sink.commits - commits >= 150_000, `one write a publish at least: ${sink.commits - commits}`);
-  console.log(`# heap grew ${grown} bytes over ${sink.commits - commits} writes`);
-  assert.ok(grown < 8e6, `the heap grew ${grown} bytes over ${sink.commits - commits} writes`);
 });
