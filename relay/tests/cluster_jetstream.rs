@@ -1538,6 +1538,19 @@ async fn a_relay_on_a_nats_server_before_2_9_21_warns_at_start() {
         eprintln!("nats-server not installed: skipped");
         return;
     };
+    let Some(v) = nats_before_2_9_21() else {
+        eprintln!("nats-server 2.9.21 or later: fixed, no warning to wait for");
+        return;
+    };
+    let mut relay = start_logged_relay_with(&nats.urls(), "relay-a", &[]);
+    let line = relay.wait_log(&["nats-server issue 4320"]).await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains(&v), "{line}");
+}
+
+/// The installed nats-server's version (`x.y.z`) when it is older than 2.9.21 (its
+/// conditional writes can let racing writes pass: nats-server issue 4320).
+fn nats_before_2_9_21() -> Option<String> {
     let out = std::process::Command::new("nats-server")
         .arg("--version")
         .output()
@@ -1550,17 +1563,7 @@ async fn a_relay_on_a_nats_server_before_2_9_21_warns_at_start() {
         .take(3)
         .map(|p| p.parse().unwrap())
         .collect();
-    if (v[0], v[1], v[2]) >= (2, 9, 21) {
-        eprintln!("{version}: fixed, no warning to wait for");
-        return;
-    }
-    let mut relay = start_logged_relay_with(&nats.urls(), "relay-a", &[]);
-    let line = relay.wait_log(&["nats-server issue 4320"]).await;
-    assert!(line.contains("WARN"), "{line}");
-    assert!(
-        line.contains(&format!("{}.{}.{}", v[0], v[1], v[2])),
-        "{line}"
-    );
+    ((v[0], v[1], v[2]) < (2, 9, 21)).then(|| format!("{}.{}.{}", v[0], v[1], v[2]))
 }
 
 /// History reads: `LastN` and `SinceMs` are planned from the relay's ledger (sequence and
@@ -2151,10 +2154,24 @@ async fn an_account_list_edit_replaced_by_a_racing_one_is_made_again() {
         .unwrap();
     assert!(list::settled(&js, &cluster, again).await.unwrap());
     assert!(list::settled(&js, &cluster, later).await.unwrap());
-    // `replace` answers `false` when `after` is not the latest (the check alone).
+    // `replace` answers `false` when `after` is not the latest (the check alone)...
     assert!(!list::replace(&js, &cluster, v1, "stale".into())
         .await
         .unwrap());
+    // ...and on a server that needs it, settles what it wrote: its barrier follows it.
+    assert!(
+        list::replace(&js, &cluster, later, "v1 + b + a + c + d".into())
+            .await
+            .unwrap()
+    );
+    if nats_before_2_9_21().is_some() {
+        let (written, _) = list::latest(&stream, &cluster).await.unwrap().unwrap();
+        let barrier = stream
+            .get_last_raw_message_by_subject("wsp_accounts.barrier")
+            .await
+            .expect("replace wrote its barrier");
+        assert!(barrier.sequence > written, "after the version it settles");
+    }
 }
 
 /// The cluster's account list in JetStream (`[cluster] shared_accounts`): accounts added

@@ -237,19 +237,19 @@ fn seal_run<M>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand_core::OsRng;
     use whispeer_protocol::{Keyring, MessageId, Opener, Outgoing, SealOptions, Topic, TreeKey};
 
-    fn setup() -> (Keyring, Identity) {
+    pub(crate) fn setup() -> (Keyring, Identity) {
         let tk = TreeKey::generate_with("b", &mut OsRng).unwrap();
         let mut kr = Keyring::new();
         kr.add_tree_key_at(&tk, 0).unwrap();
         (kr, Identity::generate_with(&mut OsRng))
     }
 
-    fn prepare(kr: &Keyring, topic: &str, i: u32) -> Prepared {
+    pub(crate) fn prepare(kr: &Keyring, topic: &str, i: u32) -> Prepared {
         let key = kr.topic_key(&Topic::new(topic).unwrap()).unwrap();
         let payload = i.to_be_bytes();
         let out = Outgoing {

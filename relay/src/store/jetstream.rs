@@ -1407,6 +1407,21 @@ async fn publish_loop(
     }
 }
 
+/// Publishes a barrier record on `subject` and waits for its acknowledgement: in a stream
+/// of a nats-server before 2.9.21 it comes after every write that passed the
+/// `Nats-Expected-Last-Subject-Sequence` check at the same time as one acknowledged before
+/// it (that write was proposed before this one was applied), so a read from the stream's
+/// leader afterwards sees the racing writes (used to settle durable holds and account-list
+/// edits).
+pub(crate) async fn barrier(js: &jetstream::Context, subject: String) -> Result<(), String> {
+    js.publish(subject, Bytes::from_static(b"barrier"))
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// Whether conditional writes need confirming on the server `info` describes: one that
 /// does not check writes in flight ([`checks_in_flight_writes`]) whose streams go through
 /// its cluster (replicated, or a clustered server).

@@ -198,9 +198,9 @@ impl Sealing {
         }
         if self.policy.max_wait_us == 0 {
             return self
-                .waits_for_company()
-                .then(|| self.since.map(|s| s + 1))
-                .flatten();
+                .since
+                .filter(|_| self.waits_for_company())
+                .map(|s| s + 1);
         }
         let wait_ms = self.policy.max_wait_us.div_ceil(1000);
         self.since.map(|s| s.saturating_add(wait_ms))
@@ -370,27 +370,15 @@ impl Sealing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand_core::OsRng;
-    use whispeer_protocol::{Keyring, MessageId, Outgoing, SealOptions, Sealer, Topic, TreeKey};
+    use crate::core::batching::tests::{prepare, setup};
+    use whispeer_protocol::Keyring;
 
     fn prepared(kr: &Keyring) -> Prepared {
-        let key = kr.topic_key(&Topic::new("t").unwrap()).unwrap();
-        let out = Outgoing {
-            payload: b"x",
-            content_type: "application/octet-stream",
-            msg_id: MessageId::random(&mut OsRng),
-            ts_ms: 1_000,
-        };
-        Sealer::new()
-            .prepare(&key, &out, &SealOptions::default())
-            .unwrap()
+        prepare(kr, "t", 0)
     }
 
     fn keyring() -> Keyring {
-        let tk = TreeKey::generate_with("b", &mut OsRng).unwrap();
-        let mut kr = Keyring::new();
-        kr.add_tree_key_at(&tk, 0).unwrap();
-        kr
+        setup().0
     }
 
     fn sealing(trickle: bool) -> Sealing {

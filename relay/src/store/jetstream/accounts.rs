@@ -130,14 +130,9 @@ pub async fn settled(
     cluster: &ClusterConfig,
     seq: u64,
 ) -> Result<bool, StoreError> {
-    js.publish(
-        format!("{}_accounts.barrier", cluster.subject_prefix),
-        Bytes::from_static(b"barrier"),
-    )
-    .await
-    .map_err(|e| unavailable("account list barrier", e))?
-    .await
-    .map_err(|e| unavailable("account list barrier", e))?;
+    super::barrier(js, format!("{}_accounts.barrier", cluster.subject_prefix))
+        .await
+        .map_err(|e| unavailable("account list barrier", e))?;
     let stream = open(js, cluster).await?;
     let latest = stream
         .get_last_raw_message_by_subject(&subject(&cluster.subject_prefix))

@@ -210,15 +210,11 @@ impl Leases {
             return Ok(true);
         }
         self.confirms.gate().await;
-        self.js
-            .publish(
-                format!("{}.barrier.{}", self.prefix, self.relay_id),
-                Bytes::from_static(b"barrier"),
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())?;
+        super::barrier(
+            &self.js,
+            format!("{}.barrier.{}", self.prefix, self.relay_id),
+        )
+        .await?;
         let last = self.last_record(k).await.map_err(|e| e.to_string())?;
         Ok(last.seq == seq)
     }
