@@ -4,9 +4,14 @@ import { Client, Identity, TreeKey } from '../js/index.browser.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-$('relay').value = params.get('relay') ?? `ws://${location.hostname || '127.0.0.1'}:7070`;
-$('name').value = params.get('name') ?? sessionStorage.getItem('whispeer-demo-name') ?? '';
-$('room').value = params.get('room') ?? 'lobby';
+// This module runs once the WebAssembly module has loaded (the import above awaits it),
+// which can be seconds after the page shows: what someone typed meanwhile is kept.
+const prefill = (id, value) => {
+  if (!$(id).value) $(id).value = value;
+};
+prefill('relay', params.get('relay') ?? `ws://${location.hostname || '127.0.0.1'}:7070`);
+prefill('name', params.get('name') ?? sessionStorage.getItem('whispeer-demo-name') ?? '');
+prefill('room', params.get('room') ?? 'lobby');
 
 // One identity per tab (kept across reloads of this tab).
 let secret = sessionStorage.getItem('whispeer-demo-identity');
@@ -95,3 +100,6 @@ $('send-form').addEventListener('submit', async (ev) => {
     addNote(`not sent: ${e.message}`);
   }
 });
+
+// Ready: the join form's handler is in place.
+$('join').disabled = false;
