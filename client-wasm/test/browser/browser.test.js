@@ -140,7 +140,7 @@ test('Node ↔ Chromium', async () => {
 
 test('demo chat in two tabs', async () => {
   const demo = `${server.url}/demo/?relay=${encodeURIComponent(relay.url)}`;
-  const enter = async (name, passphrase = 'correct horse battery staple', { slowWasm = false } = {}) => {
+  const enter = async (name, { passphrase = 'correct horse battery staple', slowWasm = false } = {}) => {
     const page = await context.newPage();
     page.on('pageerror', (e) => console.error('demo page error:', e));
     page.on('console', (m) => m.type() === 'error' && console.error(`demo page (${name}):`, m.text()));
@@ -177,7 +177,7 @@ test('demo chat in two tabs', async () => {
     assert.equal(state, 'connected', `${name}: the join failed: ${error}`);
     return page;
   };
-  const alice = await enter('alice', undefined, { slowWasm: true });
+  const alice = await enter('alice', { slowWasm: true });
   const bob = await enter('bob');
   const say = async (page, text) => {
     await page.fill('#message', text);
@@ -194,7 +194,7 @@ test('demo chat in two tabs', async () => {
   await seen(alice, 'Grüße');
 
   // A tab with another passphrase in the same room sees none of it.
-  const eve = await enter('eve', 'not the passphrase');
+  const eve = await enter('eve', { passphrase: 'not the passphrase' });
   await say(bob, 'Only people with the passphrase read this.');
   await seen(alice, 'Only people with the passphrase');
   assert.equal(await eve.locator('#messages li.msg').count(), 0);
