@@ -1143,12 +1143,33 @@ struct StateWriter {
     /// Lines handed to the thread.
     sent: u64,
     durable: tokio::sync::watch::Receiver<u64>,
+    /// Closed by the thread once it has written every line and let go of the file (and
+    /// its lock).
+    exited: std::sync::mpsc::Receiver<()>,
+}
+
+/// How long dropping the writer waits for its last lines and the file's lock (a disk that
+/// refuses writes keeps the thread retrying: then the lock stays with it and a new open of
+/// the same file is refused with `Locked`, as for another process).
+const WRITER_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Drop for StateWriter {
+    /// Hands the thread its end and waits for it: its lines reach the disk before the
+    /// relay's `run` returns, and the file is unlocked when `Accounts` is dropped — a relay
+    /// started again in the same process (tests do, an embedding application may) found
+    /// the file still locked while the thread had not yet noticed the end.
+    fn drop(&mut self) {
+        let (closed, _) = std::sync::mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, closed));
+        let _ = self.exited.recv_timeout(WRITER_EXIT_WAIT);
+    }
 }
 
 impl StateWriter {
     fn spawn(path: PathBuf, mut f: File, mut live: LiveState) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let (done, durable) = tokio::sync::watch::channel(0u64);
+        let (exit, exited) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("whispeer-auth-state".into())
             .spawn(move || {
@@ -1221,11 +1242,16 @@ impl StateWriter {
                         }
                     }
                 }
+                // The file closed (its lock released) before the writer's `Drop` hears of
+                // the end.
+                drop(f);
+                drop(exit);
             })?;
         Ok(Self {
             tx,
             sent: 0,
             durable,
+            exited,
         })
     }
 }
@@ -5092,6 +5118,28 @@ mod tests {
         assert_eq!(group_of(&a, 1), Some(alice_group));
         use_key(&a, "alice", 1, false).expect("moved back: her key id is still hers");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Dropping the accounts writes their last lines and unlocks the state file before it
+    /// returns: opened again at once (a relay restarted in the same process), the file is
+    /// not `Locked` and holds every claim. The writer thread used to let go of the file
+    /// only once it noticed the end, and an open right after the drop was refused under
+    /// load (CI, once; here without the wait, most of these rounds).
+    #[test]
+    fn a_dropped_state_file_is_unlocked_and_complete_at_once() {
+        let dir = temp_file("drop-unlocks").parent().unwrap().to_owned();
+        let state = dir.join("auth-state");
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_700_000_000_000));
+        for round in 0u8..40 {
+            let a = members(&dir, Some(&state), 0, (100, 100), &now);
+            // Not waited for: the drop must write it.
+            use_key(&a, "alice", round, false).unwrap();
+            drop(a);
+            let a = members(&dir, Some(&state), 0, (100, 100), &now);
+            drop(a);
+            let claims = list_claims(&state).unwrap();
+            assert_eq!(claims.len(), usize::from(round) + 1, "round {round}");
+        }
     }
 
     /// Each claim's creator is in the state file (`by`), so a restart counts a member's

@@ -126,9 +126,10 @@ impl ClientBuilder {
             // more than one core they run on the worker threads (`pool`), in publish order.
             batch: self.policy.batch.unwrap_or(crate::core::DEFAULT_BATCH),
             seal_ahead: seal_jobs.max(1),
-            trickle: self
-                .steady_batching
-                .unwrap_or_else(|| env_or("WHISPEER_STEADY_BATCHING", 0) != 0),
+            trickle: steady_batching(
+                self.steady_batching,
+                std::env::var("WHISPEER_STEADY_BATCHING").ok().as_deref(),
+            ),
             ..EngineConfig::default()
         };
         // Publishes a previous run kept but never saw acknowledged: re-sent first.
@@ -240,6 +241,16 @@ fn open_ahead() -> usize {
     )
 }
 
+/// Whether steady-stream batching is on (`EngineConfig::trickle`): the builder's
+/// [`ClientBuilder::steady_batching`] where it was called, else `WHISPEER_STEADY_BATCHING`
+/// (`env`) as a number other than 0; off by default and for anything unparsable.
+fn steady_batching(set: Option<bool>, env: Option<&str>) -> bool {
+    set.unwrap_or_else(|| {
+        env.and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|n| n != 0)
+    })
+}
+
 /// `name` parsed from the environment (an override for measuring), else `default`.
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -267,6 +278,24 @@ fn seal_ahead() -> usize {
 mod tests {
     use super::*;
     use crate::RelayAuth;
+
+    /// The builder's call wins over the environment both ways; the environment decides
+    /// only where it was not called, and only a number other than 0 turns it on.
+    #[test]
+    fn steady_batching_follows_the_builder_then_the_environment() {
+        assert!(steady_batching(Some(true), None));
+        assert!(steady_batching(Some(true), Some("0")));
+        assert!(!steady_batching(Some(false), Some("1")));
+        assert!(!steady_batching(None, None));
+        assert!(steady_batching(None, Some("1")));
+        assert!(steady_batching(None, Some("2")));
+        for off in ["0", "", "yes", "-1", "on"] {
+            assert!(!steady_batching(None, Some(off)), "{off:?}");
+        }
+        // The setter keeps what `connect` passes here (`EngineConfig::trickle`).
+        let b = crate::Client::builder().steady_batching(true);
+        assert_eq!(b.steady_batching, Some(true));
+    }
 
     /// Plaintext to a host other than loopback with a relay account warns (once per URL, at
     /// `connect`); TLS, QUIC, loopback or no account does not.
