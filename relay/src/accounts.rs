@@ -5124,7 +5124,7 @@ mod tests {
     /// returns: opened again at once (a relay restarted in the same process), the file is
     /// not `Locked` and holds every claim. The writer thread used to let go of the file
     /// only once it noticed the end, and an open right after the drop was refused under
-    /// load (CI, once; here without the wait, most of these rounds).
+    /// load (CI, once; without the wait this test fails in its first round here).
     #[test]
     fn a_dropped_state_file_is_unlocked_and_complete_at_once() {
         let dir = temp_file("drop-unlocks").parent().unwrap().to_owned();
@@ -5140,6 +5140,7 @@ mod tests {
             let claims = list_claims(&state).unwrap();
             assert_eq!(claims.len(), usize::from(round) + 1, "round {round}");
         }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Each claim's creator is in the state file (`by`), so a restart counts a member's

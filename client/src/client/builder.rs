@@ -292,9 +292,6 @@ mod tests {
         for off in ["0", "", "yes", "-1", "on"] {
             assert!(!steady_batching(None, Some(off)), "{off:?}");
         }
-        // The setter keeps what `connect` passes here (`EngineConfig::trickle`).
-        let b = crate::Client::builder().steady_batching(true);
-        assert_eq!(b.steady_batching, Some(true));
     }
 
     /// Plaintext to a host other than loopback with a relay account warns (once per URL, at
