@@ -284,6 +284,9 @@ struct LocalSub {
     /// the relay holds back what it routes after it — also a message that reaches the
     /// client meanwhile in another subscription's history or retained values.
     held: Vec<(u64, u64)>,
+    /// Its `Sub`s on this connection asked for retained values: while `held` is not empty
+    /// then, it has not had them all.
+    asked_retained: bool,
     /// Live messages this subscription did not take while held (see `held`), by relay
     /// sequence, with their dedup digest: the relay's own copy, which follows, is still this
     /// subscription's although the dedup window has seen it. Only messages new to this
@@ -1002,6 +1005,9 @@ pub struct ClientCore {
     /// that names no subscription paused is a copy for every matching subscription it
     /// routed it to ([`ClientCore::relay_features`]).
     named_copies: bool,
+    /// The relay of this connection granted `RETAINED_BEFORE` (PROTOCOL §3.4.6): a resume
+    /// from a sequence may ask for the retained values older than it too.
+    retained_before: bool,
 }
 
 /// Whether `msg` is a redelivered copy of the live kind (`REDELIVERED` alone, no `sub_id`):
@@ -1223,6 +1229,7 @@ impl ClientCore {
             forgiven: Vec::new(),
             owing: Vec::new(),
             named_copies: false,
+            retained_before: false,
         }
     }
 
@@ -1230,6 +1237,7 @@ impl ClientCore {
     /// before [`ClientCore::resubscribe_all`].
     pub fn relay_features(&mut self, features: u64) {
         self.named_copies = features & frame::features::NAMED_COPIES != 0;
+        self.retained_before = features & frame::features::RETAINED_BEFORE != 0;
     }
 
     /// Whether the relay sent `msg` for subscription `id` itself (not a neighbour's copy
@@ -1393,7 +1401,8 @@ impl ClientCore {
                 | frame::features::FLOW_CONTROL
                 | frame::features::DURABLE_DELETE
                 | frame::features::HISTORY_END
-                | frame::features::NAMED_COPIES,
+                | frame::features::NAMED_COPIES
+                | frame::features::RETAINED_BEFORE,
             client: Some(client.to_owned()),
             auth: None,
             account: None,
@@ -1441,10 +1450,12 @@ impl ClientCore {
         // message published while it was disconnected (found by `tests/mixed_load.rs` with
         // cuts, on a relay whose sequence was still 0). An at-most-once one starts live
         // again until it handled a stored message (with its retained values, if asked).
-        // (Not while its hand-over — retained values, say — has not ended: then it asks for
-        // them again.)
+        // Not one whose own replay has not ended (its `SubOk.seq` is no position): it asks
+        // for that replay again.
         let resuming = (sub.last_seq > 0
-            || (sub.opts.acking() && !sub.positions.is_empty() && sub.held.is_empty()))
+            || (sub.opts.acking()
+                && !sub.positions.is_empty()
+                && (sub.held.is_empty() || sub.opts.replay.is_none())))
             && sub.opts.durable.is_none();
         let replay = if resuming {
             // Checked: a relay that sent seq u64::MAX gets asked for it again (dedup drops
@@ -1453,7 +1464,26 @@ impl ClientCore {
         } else {
             sub.opts.replay
         };
-        let retained = sub.opts.retained && !resuming;
+        // Cut during its retained values (its hand-over had not ended): it resumes from its
+        // position all the same — started live again, as it did before, it lost every
+        // message stored meanwhile (found by `tests/mixed_load.rs` on a loaded CI machine,
+        // where the hand-over outlasted a publisher's burst) — and, from a relay granting
+        // `RETAINED_BEFORE`, gets the retained values older than that first (those it
+        // already had are not shown twice: `latest`). From another relay it gets the
+        // history alone: stored messages go before retained values.
+        let retained_before =
+            resuming && !sub.held.is_empty() && sub.asked_retained && self.retained_before;
+        // Retained values with a live start; with a replay only as just said (a relay
+        // ignores them next to a replay unless granted `RETAINED_BEFORE`, and one granting
+        // it would send an explicit replay the values before it too).
+        let retained_with = |replay: Option<frame::Replay>| {
+            sub.opts.retained
+                && match replay {
+                    None => true,
+                    Some(frame::Replay::FromSeq(_)) => retained_before,
+                    Some(_) => false,
+                }
+        };
         if resuming && sub.got.is_none() {
             // Its resume history holds only messages it did not handle (after its own
             // position), but maybe ones another subscription of this client took since —
@@ -1510,6 +1540,7 @@ impl ClientCore {
             None
         };
         sub.patterns = patterns.clone();
+        let mut asked_retained = false;
         for pattern in patterns {
             let rid = self.next_relay_id;
             self.next_relay_id += 1;
@@ -1523,6 +1554,8 @@ impl ClientCore {
                     owner_secret(self.owner_key.as_deref(), pattern.key_id(), name)
                 });
             let replay = replay_for(sub, pattern.key_id());
+            let retained = retained_with(replay);
+            asked_retained |= retained;
             let history_from = match replay {
                 _ if sub.opts.durable.is_some() => Some(0),
                 Some(frame::Replay::FromSeq(from)) => Some(from),
@@ -1544,6 +1577,7 @@ impl ClientCore {
                 owner,
             }));
         }
+        sub.asked_retained = asked_retained;
         frames
     }
 
@@ -1658,6 +1692,7 @@ impl ClientCore {
                 latest: HashMap::new(),
                 latest_full: false,
                 held: Vec::new(),
+                asked_retained: false,
                 skipped: Default::default(),
                 awaiting: HashMap::new(),
                 paused_skips: Default::default(),

@@ -1706,3 +1706,85 @@ async fn a_replay_under_credit_is_not_held_up_by_a_neighbour_that_stopped_readin
     p.close().await;
     relay.stop().await;
 }
+
+/// An at-least-once subscription cut before its retained values ended — its app had not
+/// read them, so under a credit of 1 the relay could not finish them, and it held back the
+/// live messages published meanwhile until its `ReplayDone` — loses nothing: on the next
+/// connection it resumes from its boundary with the retained values older than that
+/// (`RETAINED_BEFORE`), and gets every retained value and every message stored since it
+/// subscribed, once each, in order. Before (wave 2 session 58; found by
+/// `tests/mixed_load.rs` on a loaded CI machine) it started live again with its retained
+/// values, and the five messages published during its hand-over were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_during_the_retained_values_loses_no_stored_message() {
+    let relay = TestRelay::start().await;
+    let proxy = KillerProxy::start(relay.addrs.tcp.unwrap()).await;
+    let t = tree("handover");
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    for (topic, v) in [("s/r1", 1u32), ("s/r2", 2), ("s/r3", 3)] {
+        p.publish_with(topic, &v, PublishOptions::at_least_once().retain())
+            .await
+            .unwrap();
+    }
+    let c = Client::builder()
+        .with(Tcp::new(format!("tcp://{}", proxy.addr)))
+        .with(Reconnect::new(
+            Duration::from_millis(5),
+            Duration::from_millis(50),
+        ))
+        .with(Encryption::with_keyring(keyring_with(&t)))
+        .with(identity())
+        .subscription_capacity(1)
+        .connect()
+        .await
+        .unwrap();
+    let mut state = c.state_changes();
+    let mut sub = c
+        .subscribe_with_options::<u32>(
+            "s/#",
+            SubscribeOptions::new().qos(Qos::AtLeastOnce).capacity(1),
+        )
+        .await
+        .unwrap();
+    // Nothing read: the first retained value fills the subscription's one slot (its credit
+    // at the relay too), and the relay waits for its ack before it sends the next.
+    for v in 10..15u32 {
+        p.publish_with("s/live", &v, PublishOptions::at_least_once())
+            .await
+            .unwrap();
+    }
+    p.flush().await.unwrap();
+    proxy.cut_all();
+    until_reconnecting(&mut state).await;
+    let mut got = Vec::new();
+    while got.len() < 8 {
+        let m = within("the retained values and the stored messages", sub.next())
+            .await
+            .expect("the stream goes on")
+            .expect("a message");
+        got.push((m.value, m.retained));
+    }
+    assert_eq!(
+        got,
+        vec![
+            (1, true),
+            (2, true),
+            (3, true),
+            (10, false),
+            (11, false),
+            (12, false),
+            (13, false),
+            (14, false)
+        ],
+        "every retained value, then every message stored during the hand-over, once"
+    );
+    // Nothing more: a live message is the next one (no duplicate before it).
+    p.publish_with("s/live", &15u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    let next = within("live", sub.next()).await.unwrap().unwrap();
+    assert_eq!(next.value, 15);
+    p.close().await;
+    c.close().await;
+    relay.stop().await;
+}

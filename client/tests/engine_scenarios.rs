@@ -917,7 +917,9 @@ fn connected_with(subs: Vec<Step>) -> Vec<Step> {
 
 /// Subscribes `id` while live and confirms it.
 fn live_sub(id: u64, filter: &'static str, opts: SubscribeOptions) -> Vec<Step> {
-    let (replay, retained, durable) = (opts.replay, opts.retained, None);
+    // Retained values are asked for with a live start only (next to a replay a relay
+    // ignores them, or, granted `RETAINED_BEFORE`, sends the older ones).
+    let (replay, retained, durable) = (opts.replay, opts.retained && opts.replay.is_none(), None);
     let durable = opts.durable.as_ref().map(|_| "d").or(durable);
     vec![
         sub(id, filter, opts),
@@ -1468,7 +1470,7 @@ fn replay_hand_over_without_gap_or_duplicate_across_a_cut() {
         ExpectTx(Tx::Sub {
             sub: 1,
             replay: Some(Replay::FromSeq(1)),
-            retained: true,
+            retained: false,
             durable: None,
         }),
         SubOk { id: 1, seq: 4 },
@@ -1727,7 +1729,7 @@ fn a_message_first_seen_in_another_subscriptions_history_is_still_the_held_ones(
         ExpectTx(Tx::Sub {
             sub: 3,
             replay: Some(Replay::FromSeq(1)),
-            retained: true,
+            retained: false,
             durable: None,
         }),
         SubOkHistory { id: 3, seq: 5 },
@@ -2267,7 +2269,7 @@ fn a_message_owed_before_a_reconnect_reaches_its_subscription_from_its_resume_hi
         ExpectTx(Tx::Sub {
             sub: 2,
             replay: Some(Replay::FromSeq(1)),
-            retained: replaying.retained,
+            retained: false,
             durable: None,
         }),
         SubOkHistory { id: 2, seq: 2 },
@@ -3804,11 +3806,13 @@ fn a_neighbours_held_ack_leaves_when_the_durable_goes_away() {
 }
 
 /// The same, but a key refresh replaces the held-back subscription's relay subscription
-/// before its copy came: the new one starts live again (no replay: it never received a
-/// stored message), so the relay's copy of 5 never comes — nothing is owed to it any more
-/// and the neighbour's ack of 5 leaves at once (PROTOCOL §3.5.5: a replaced subscription's
-/// held ack is sent without waiting), before the `Unsub`s (after them the relay finds no
-/// subscription holding 5 and ignores the ack) and the new `Sub`s, without any redelivery.
+/// before its copy came: the relay's held-back copy of 5 never comes — nothing is owed to
+/// the old relay subscription any more and the neighbour's ack of 5 leaves at once
+/// (PROTOCOL §3.5.5: a replaced subscription's held ack is sent without waiting), before
+/// the `Unsub`s (after them the relay finds no subscription holding 5 and ignores the ack)
+/// and the new `Sub`s. The new one resumes from its boundary (its retained values had not
+/// ended; before, it started live again and lost 5), and its history brings 5, still its
+/// own although the neighbour took it.
 #[test]
 fn a_neighbours_held_ack_leaves_when_a_key_refresh_replaces_the_subscription() {
     let mut steps = connected_with(live_sub(1, "b/x", qos1()));
@@ -3846,8 +3850,17 @@ fn a_neighbours_held_ack_leaves_when_a_key_refresh_replaces_the_subscription() {
             retained: false,
             durable: None,
         }),
-        fresh_sub(2),
+        ExpectTx(Tx::Sub {
+            sub: 2,
+            replay: Some(Replay::FromSeq(5)),
+            retained: false,
+            durable: None,
+        }),
         ExpectNoTx,
+        SubOkHistory { id: 2, seq: 5 },
+        history("m", 5, 2),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m" }),
+        ExpectNoEvent,
     ]);
     play(
         "a held ack leaves when a key refresh replaces the subscription",
@@ -4459,4 +4472,61 @@ fn history_copy_of_m3_taken_by_1() -> Vec<Step> {
         ExpectTimeoutIn(Some(10_000)),
     ]);
     steps
+}
+
+/// An at-least-once subscription asking for retained values, cut before its hand-over
+/// ended (`SubOk.history`, no `ReplayDone` yet): on the next connection it resumes from
+/// its boundary — what was stored since it was confirmed comes in its resume history —
+/// and, from a relay granting `RETAINED_BEFORE`, asks for its retained values again (those
+/// older than its resume point, PROTOCOL §3.5.5). Before, it started live again: every
+/// message stored while it waited and was away was lost (found by `tests/mixed_load.rs`
+/// on a loaded CI machine, where a retained hand-over outlasted a publisher's burst: the
+/// relay holds a subscription's live messages back until its `ReplayDone`). Once its
+/// retained values ended, a later resume asks for none.
+#[test]
+fn a_cut_during_the_retained_hand_over_resumes_an_acknowledging_subscription_from_its_boundary() {
+    let resumed = |retained| {
+        ExpectTx(Tx::Sub {
+            sub: 1,
+            replay: Some(Replay::FromSeq(6)),
+            retained,
+            durable: None,
+        })
+    };
+    let cut = [Drop, lost(Why::Transport, Some(1)), Timeout, Dialed];
+    let hello = ExpectTx(Tx::Hello { account: false });
+    for granted in [0, frame::features::RETAINED_BEFORE] {
+        let mut steps = connected_with(vec![
+            sub(1, "h/#", qos1()),
+            fresh_sub(1),
+            SubOkHistory { id: 1, seq: 5 },
+            ExpectEvent(Ev::SubscribeOk(1)),
+        ]);
+        steps.extend(cut.clone());
+        steps.extend([
+            hello.clone(),
+            Relay(welcome(10_000, granted, None)),
+            resumed(granted != 0),
+            ExpectEvent(Ev::Connected),
+            ExpectNoTx,
+        ]);
+        play("cut during the hand-over", || Sim::new(|_| {}), &steps);
+    }
+    // Its hand-over ended: the next resume asks for no retained values, granted or not.
+    let mut steps = connected_with(vec![
+        sub(1, "h/#", qos1()),
+        fresh_sub(1),
+        SubOkHistory { id: 1, seq: 5 },
+        ExpectEvent(Ev::SubscribeOk(1)),
+        ReplayDone { id: 1, seq: 5 },
+    ]);
+    steps.extend(cut);
+    steps.extend([
+        hello,
+        Relay(welcome(10_000, frame::features::RETAINED_BEFORE, None)),
+        resumed(false),
+        ExpectEvent(Ev::Connected),
+        ExpectNoTx,
+    ]);
+    play("cut after the hand-over", || Sim::new(|_| {}), &steps);
 }

@@ -108,6 +108,13 @@ pub mod features {
     /// named subscription, and such a client's dedup would drop another paused one's own
     /// copy later).
     pub const NAMED_COPIES: u64 = 1 << 8;
+    /// A `Sub` asking for retained values *and* a replay from sequence `x`
+    /// (`Replay::FromSeq`) gets both: the retained values older than `x`, then the history
+    /// from `x`, in one hand-over ended by one `ReplayDone`. Without it a relay ignores
+    /// `retained` next to a replay. What a client's resume needs when the connection ended
+    /// during an at-least-once subscription's retained values: the messages stored since it
+    /// was confirmed, and the retained values it had not had.
+    pub const RETAINED_BEFORE: u64 = 1 << 9;
 }
 
 /// Picks the version both sides speak: the highest offered version this crate supports.

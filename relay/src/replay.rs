@@ -24,9 +24,21 @@ use crate::ids::Seq;
 use crate::outbound::ReadHold;
 use crate::relay::Shared;
 use crate::router::{history_frame, Target};
-use crate::store::{Admission, ReadLimit, Store, StoreError, Tenant, READ_CHUNK_BYTES};
+use crate::store::{Admission, ReadLimit, ReadPlan, Store, StoreError, Tenant, READ_CHUNK_BYTES};
 
-/// Sends history for `target` and opens its gate. `done_frame`: send `ReplayDone`. The
+/// The history a `Sub` asked for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Asked {
+    /// Its replay.
+    pub(crate) replay: Replay,
+    /// `x` of its `Replay::FromSeq(x)` when it asked for retained values too and was
+    /// granted `RETAINED_BEFORE`: the retained values below `x` come first.
+    pub(crate) retained_before: Option<u64>,
+}
+
+/// Sends history for `target` — with `retained_before` (`x` of a `Replay::FromSeq(x)`,
+/// granted `RETAINED_BEFORE`) the retained values older than `x` first — and opens its
+/// gate. `done_frame`: send `ReplayDone` (its count covers both). The
 /// reads run in `tenant`'s turn on the store-reader thread (a full tenant queue fails the
 /// history with the retryable `busy`).
 pub(crate) async fn history(
@@ -34,31 +46,52 @@ pub(crate) async fn history(
     tenant: Tenant,
     target: Arc<Target>,
     pattern: TokenPattern,
-    replay: Replay,
+    asked: Asked,
     boundary: Seq,
     done_frame: bool,
 ) {
+    let Asked {
+        replay,
+        retained_before,
+    } = asked;
     let sub_id = target.sub.0;
-    let count = match send(&shared, &tenant, &target, pattern.clone(), replay, boundary).await {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(conn = %target.conn, sub_id, error = %e, "history read failed");
-            shared.metrics.error_sent(e.code());
-            target
-                .out
-                .push_control(codec::encode_prefixed(&Frame::Err(ErrFrame {
-                    code: e.code(),
-                    message: format!("history unavailable: {e}"),
-                    fatal: false,
-                    sub_id: Some(sub_id),
-                    publish_id: None,
-                })));
-            0
+    tracing::debug!(conn = %target.conn, sub_id, ?replay, ?retained_before, boundary = boundary.0,
+        "history starts");
+    let mut count = 0;
+    // Granted `RETAINED_BEFORE` (with `Replay::FromSeq(x)`): the retained values older
+    // than `x` first — the newer ones are in the history itself.
+    if let Some(x) = retained_before {
+        let before = Seq(x.saturating_sub(1).min(boundary.0));
+        match send_retained(&shared, &tenant, &target, &pattern, before).await {
+            Ok(n) => count += n,
+            Err(e) => report(&shared, &target, &e, "retained values"),
         }
-    };
+    }
+    if !gone(&target) {
+        match send(&shared, &tenant, &target, pattern.clone(), replay, boundary).await {
+            Ok(n) => count += n,
+            Err(e) => report(&shared, &target, &e, "history"),
+        }
+    }
     let done = done_frame.then(|| done(sub_id, boundary, count));
     open_gate(&shared, &tenant, &target, &pattern, done).await;
-    tracing::debug!(conn = %target.conn, sub_id, "history sender ended");
+    tracing::debug!(conn = %target.conn, sub_id, count, "history sender ended");
+}
+
+/// A history or retained-value read failed: the subscription goes on live, and its client
+/// is told with a non-fatal `Err` naming it.
+fn report(shared: &Shared, target: &Target, e: &StoreError, what: &str) {
+    tracing::warn!(conn = %target.conn, sub_id = target.sub.0, error = %e, "{what} read failed");
+    shared.metrics.error_sent(e.code());
+    target
+        .out
+        .push_control(codec::encode_prefixed(&Frame::Err(ErrFrame {
+            code: e.code(),
+            message: format!("{what} unavailable: {e}"),
+            fatal: false,
+            sub_id: Some(target.sub.0),
+            publish_id: None,
+        })));
 }
 
 /// Opens the subscription's gate (`Router::release`). A QoS ≥ 1 subscription whose gate
@@ -94,91 +127,12 @@ pub(crate) async fn retained(
     boundary: Seq,
     done_frame: bool,
 ) {
-    let mut count = 0u64;
-    let store = shared.router.store().clone();
-    // In chunks, each queued whole and paced like history: a pattern may match many large
-    // retained values, and a subscriber that does not read holds what was queued. A
-    // QoS ≥ 1 subscription gets them under its credit, exactly as its replayed history:
-    // each is in flight until acknowledged (redelivered if it is not), and the sender
-    // waits for credit before it reads more. (Sent untracked beyond the credit, the values
-    // a client had no room for were held back by it for a redelivery that never came.)
-    let read = async {
-        if !readable(&store, &target, &pattern, boundary).await? {
-            return Ok(());
-        }
-        let mut from = 0;
-        while from <= boundary.0 {
-            if let Some(t) = &target.track {
-                if !t.wait_allowance(&target, None, "retained values").await {
-                    break;
-                }
-            }
-            let Some(mut hold) = read_turn(&target).await else {
-                break;
-            };
-            let limit = match &target.track {
-                Some(t) => match t.allowance() {
-                    Some(limit) => limit,
-                    None => continue,
-                },
-                None => ReadLimit::CHUNK,
-            };
-            let chunk = {
-                let (store, pattern) = (store.clone(), pattern.clone());
-                crate::store::read_off_runtime(&tenant, Admission::Capped, move || {
-                    store.retained_limited(&pattern, from, boundary, limit)
-                })
-                .await?
-            };
-            // Replaced, unsubscribed or closing during the read: the chunk goes.
-            if gone(&target) {
-                break;
-            }
-            hold.resize(chunk.msgs.iter().map(|m| m.envelope.len()).sum());
-            // A value the credit does not take after all (larger than the byte allowance,
-            // or the connection's other subscriptions took its unacknowledged bytes): the
-            // rest is dropped and read again from it once there is credit for it.
-            let mut refused = None;
-            for m in chunk.msgs {
-                if let Some(t) = &target.track {
-                    if !t.try_deliver(m.seq.0, &m.envelope, Instant::now()) {
-                        refused = Some((m.seq.0, m.envelope.len()));
-                        break;
-                    }
-                }
-                let frame = history_frame(m.seq.0, &m.envelope, msg_flags::RETAINED, target.sub.0);
-                hold.push(frame, m.envelope.len());
-                count += 1;
-            }
-            drop(hold);
-            if let (Some((_, len)), Some(t)) = (refused, &target.track) {
-                if !t
-                    .wait_allowance(&target, Some(len), "retained values")
-                    .await
-                {
-                    break;
-                }
-            }
-            from = refused.map_or(chunk.next, |(seq, _)| seq);
-        }
-        Ok::<_, StoreError>(())
-    };
-    match read.await {
-        Ok(()) => {}
-        Err(e) => {
-            tracing::warn!(conn = %target.conn, sub_id = target.sub.0, error = %e, "retained read failed");
-            shared.metrics.error_sent(e.code());
-            target
-                .out
-                .push_control(codec::encode_prefixed(&Frame::Err(ErrFrame {
-                    code: e.code(),
-                    message: format!("retained values unavailable: {e}"),
-                    fatal: false,
-                    sub_id: Some(target.sub.0),
-                    publish_id: None,
-                })));
-        }
-    }
+    let count = send_retained(&shared, &tenant, &target, &pattern, boundary)
+        .await
+        .unwrap_or_else(|e| {
+            report(&shared, &target, &e, "retained values");
+            0
+        });
     open_gate(
         &shared,
         &tenant,
@@ -187,7 +141,33 @@ pub(crate) async fn retained(
         done_frame.then(|| done(target.sub.0, boundary, count)),
     )
     .await;
-    tracing::debug!(conn = %target.conn, sub_id = target.sub.0, "history sender ended");
+    tracing::debug!(conn = %target.conn, sub_id = target.sub.0, count, "history sender ended");
+}
+
+/// Sends the retained values of the paths `target` matches whose sequence is at most
+/// `boundary`, in sequence order, under the subscription's credit; returns how many.
+async fn send_retained(
+    shared: &Arc<Shared>,
+    tenant: &Tenant,
+    target: &Arc<Target>,
+    pattern: &TokenPattern,
+    boundary: Seq,
+) -> Result<u64, StoreError> {
+    let store = shared.router.store().clone();
+    if !readable(&store, target, pattern, boundary).await? {
+        return Ok(0);
+    }
+    let pattern = Arc::new(pattern.clone());
+    send_chunks(
+        shared,
+        tenant,
+        target,
+        &pattern,
+        Source::Retained,
+        0,
+        boundary,
+    )
+    .await
 }
 
 /// The `ReplayDone` frame that ends subscription `sub_id`'s history.
@@ -199,6 +179,7 @@ fn done(sub_id: u64, boundary: Seq, count: u64) -> bytes::Bytes {
     }))
 }
 
+/// Sends the history `replay` asks for, up to `boundary`; returns how many messages.
 async fn send(
     shared: &Arc<Shared>,
     tenant: &Tenant,
@@ -219,20 +200,52 @@ async fn send(
         })
         .await?
     };
-    let plan = Arc::new(plan);
-    let mut from = plan.start;
+    let start = plan.start;
+    let source = Source::History(Arc::new(plan));
+    send_chunks(shared, tenant, target, &pattern, source, start, boundary).await
+}
+
+/// What a sender reads from the store.
+#[derive(Clone)]
+enum Source {
+    /// A replay's history, by its plan (`REPLAYED`).
+    History(Arc<ReadPlan>),
+    /// The retained values (`RETAINED`).
+    Retained,
+}
+
+/// Reads `source` from sequence `from` up to `boundary` in chunks and queues it, flagged
+/// and naming the subscription; returns how many messages it queued. In chunks, each queued
+/// whole and paced by the connection's queue: a pattern may match much, and a subscriber
+/// that does not read holds what was queued. A QoS ≥ 1 subscription gets them under its
+/// credit: each is in flight until acknowledged (redelivered if it is not), and the sender
+/// waits for credit before it reserves and reads again, holding nothing (see `flow`), so a
+/// client that does not ack holds up none of the connection's other senders. (Retained
+/// values sent untracked beyond the credit were held back by the client for a redelivery
+/// that never came.)
+async fn send_chunks(
+    shared: &Arc<Shared>,
+    tenant: &Tenant,
+    target: &Arc<Target>,
+    pattern: &Arc<TokenPattern>,
+    source: Source,
+    mut from: u64,
+    boundary: Seq,
+) -> Result<u64, StoreError> {
+    let store = shared.router.store().clone();
+    let (flag, what) = match source {
+        Source::History(_) => (msg_flags::REPLAYED, "history"),
+        Source::Retained => (msg_flags::RETAINED, "retained values"),
+    };
     let mut count = 0u64;
     while from <= boundary.0 {
-        // A QoS ≥ 1 history waits for credit before it reserves and reads, holding
-        // nothing, then reads no more than the credit allows (see `flow`): a client that
-        // does not ack holds up none of the connection's other senders.
         if let Some(t) = &target.track {
-            if !t.wait_allowance(target, None, "history").await {
-                return Ok(count);
+            if !t.wait_allowance(target, None, what).await {
+                break;
             }
         }
         let Some(mut hold) = read_turn(target).await else {
-            return Ok(count);
+            break;
         };
         let limit = match &target.track {
             Some(t) => match t.allowance() {
@@ -242,16 +255,17 @@ async fn send(
             None => ReadLimit::CHUNK,
         };
         let chunk = {
-            let (store, pattern, plan) = (store.clone(), pattern.clone(), plan.clone());
+            let (store, pattern, source) = (store.clone(), pattern.clone(), source.clone());
             // One chunk per read job: a long replay takes many turns of the reader thread.
-            crate::store::read_off_runtime(tenant, Admission::Capped, move || {
-                store.read_limited(&pattern, &plan, from, boundary, limit)
+            crate::store::read_off_runtime(tenant, Admission::Capped, move || match &source {
+                Source::History(plan) => store.read_limited(&pattern, plan, from, boundary, limit),
+                Source::Retained => store.retained_limited(&pattern, from, boundary, limit),
             })
             .await?
         };
         // Replaced, unsubscribed or closing during the read: the chunk goes.
         if gone(target) {
-            return Ok(count);
+            break;
         }
         hold.resize(chunk.msgs.iter().map(|m| m.envelope.len()).sum());
         let mut n = 0u64;
@@ -266,20 +280,22 @@ async fn send(
                     break;
                 }
             }
-            let frame = history_frame(m.seq.0, &m.envelope, msg_flags::REPLAYED, target.sub.0);
+            let frame = history_frame(m.seq.0, &m.envelope, flag, target.sub.0);
             hold.push(frame, m.envelope.len());
             n += 1;
         }
         drop(hold);
         count += n;
         let next = refused.map_or(chunk.next, |(seq, _)| seq);
-        if let Some(t) = &target.track {
-            t.history_at(next.saturating_sub(1).min(boundary.0));
+        if let Source::History(_) = source {
+            if let Some(t) = &target.track {
+                t.history_at(next.saturating_sub(1).min(boundary.0));
+            }
+            shared.metrics.replayed(n);
         }
-        shared.metrics.replayed(n);
         if let (Some((_, len)), Some(t)) = (refused, &target.track) {
-            if !t.wait_allowance(target, Some(len), "history").await {
-                return Ok(count);
+            if !t.wait_allowance(target, Some(len), what).await {
+                break;
             }
         }
         from = next;

@@ -828,6 +828,9 @@ impl Session {
             offered |= features::FLOW_CONTROL;
         }
         offered |= features::HISTORY_END | features::NAMED_COPIES;
+        if offered & (features::RETAIN | features::REPLAY) == features::RETAIN | features::REPLAY {
+            offered |= features::RETAINED_BEFORE;
+        }
         self.granted = wanted & offered;
         let cfg = &self.shared.config;
         let welcome = Frame::Welcome(Welcome {
@@ -1093,6 +1096,20 @@ impl Session {
             )
         });
         let want_retained = s.retained && replay.is_none() && supported & features::RETAIN != 0;
+        // Retained values next to the client's own replay from a sequence (granted
+        // `RETAINED_BEFORE`, PROTOCOL §3.5.5): those older than it come first. Not for a
+        // durable (its resume is the relay's replay, not the client's).
+        let retained_before = match s.replay {
+            Some(Replay::FromSeq(x))
+                if s.retained
+                    && durable.is_none()
+                    && supported & features::RETAIN != 0
+                    && self.granted & features::RETAINED_BEFORE != 0 =>
+            {
+                Some(x)
+            }
+            _ => None,
+        };
         let start = SubStart {
             named: self.granted & features::NAMED_COPIES != 0,
             track: track.clone(),
@@ -1131,6 +1148,8 @@ impl Session {
                 return self.on_offer_failed(other);
             }
         }
+        tracing::debug!(conn = %self.conn, sub_id = sub_id.0, ?replay, qos = ?s.qos,
+            boundary = boundary.0, "subscribed");
         self.subs.insert(sub_id, s.pattern.clone());
         if need != Rights::of(&[Right::Subscribe]) {
             self.sub_rights.insert(sub_id, need);
@@ -1161,7 +1180,10 @@ impl Session {
                         self.tenant.clone(),
                         target,
                         s.pattern,
-                        replay,
+                        crate::replay::Asked {
+                            replay,
+                            retained_before,
+                        },
                         boundary,
                         done,
                     ));

@@ -992,3 +992,104 @@ async fn sigkill_twice_while_publishing_100k_qos1_loses_nothing_acknowledged() {
     // ~250 MB of database and WAL: not left for the next binary's sweep.
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// PROTOCOL §3.5.5 "Retained values", `RETAINED_BEFORE` (§3.4.6): a `Sub` asking for
+/// retained values and a replay from sequence `x` gets, from a relay that granted it, the
+/// retained values older than `x` (flag `RETAINED`, in sequence order) and then the history
+/// from `x` (`REPLAYED`), ended by one `ReplayDone` counting both — what a client resuming an
+/// at-least-once subscription cut during its retained values needs (before, it started
+/// live again and lost what was stored meanwhile). A client not granted it gets the history
+/// alone (retained values are ignored next to a replay, as before). At QoS 1 with credit 1
+/// both parts go under the credit: one message per ack, in that order.
+#[tokio::test]
+async fn retained_values_before_a_resume_point_then_its_history_in_one_hand_over() {
+    let dir = temp_dir("retained-before");
+    let relay = TestRelay::start(file_config(&dir.join("s.db"))).await;
+    let mut p = greeted(relay.tcp()).await;
+    // (index, level, retain): levels 5 and 6 have retained values before the resume point,
+    // level 7 one after it; 3 and 5 are plain messages.
+    let plan = [
+        (1u64, 5u8, true),
+        (2, 6, true),
+        (3, 5, false),
+        (4, 7, true),
+        (5, 5, false),
+    ];
+    let mut seqs = HashMap::new();
+    for (i, lvl, retain) in plan {
+        p.send(&publish(
+            indexed(1, lvl, i, 32),
+            Qos::AtLeastOnce,
+            Some(pid(i)),
+            retain,
+        ))
+        .await;
+        match p.recv().await {
+            Frame::PubAck(a) => seqs.insert(i, a.seq),
+            other => panic!("expected PubAck, got {other:?}"),
+        };
+    }
+    let x = seqs[&3];
+    let asked = features::HISTORY_END | features::RETAINED_BEFORE;
+    for (granted, qos) in [
+        (true, Qos::AtMostOnce),
+        (true, Qos::AtLeastOnce),
+        (false, Qos::AtLeastOnce),
+    ] {
+        let mut s = Client::tcp(relay.tcp()).await;
+        let offer = ALL_FEATURES | features::HISTORY_END | if granted { asked } else { 0 };
+        let w = s.hello_with(offer).await;
+        assert_eq!(w.features & asked, offer & asked, "granted as offered");
+        s.send(&Frame::Sub(Sub {
+            sub_id: 7,
+            pattern: pattern(1, &[None], false),
+            qos,
+            durable: None,
+            replay: Some(Replay::FromSeq(x)),
+            retained: true,
+            credit: (qos == Qos::AtLeastOnce).then_some(1),
+            owner: None,
+        }))
+        .await;
+        let boundary = match s.recv().await {
+            Frame::SubOk(ok) => {
+                assert_eq!(ok.history, Some(true), "a hand-over follows");
+                ok.seq
+            }
+            other => panic!("expected SubOk, got {other:?}"),
+        };
+        let mut got = Vec::new();
+        let done = loop {
+            match s.recv().await {
+                Frame::Msg(m) => {
+                    assert_eq!(m.sub_id, Some(7), "history names its subscription");
+                    got.push((index_of(&m.envelope), m.flags));
+                    if qos == Qos::AtLeastOnce {
+                        s.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
+                    }
+                }
+                Frame::ReplayDone(d) => break d,
+                other => panic!("expected history, got {other:?}"),
+            }
+        };
+        let history = [
+            (3, msg_flags::REPLAYED),
+            (4, msg_flags::REPLAYED),
+            (5, msg_flags::REPLAYED),
+        ];
+        let want: Vec<(u64, u64)> = if granted {
+            [(1, msg_flags::RETAINED), (2, msg_flags::RETAINED)]
+                .into_iter()
+                .chain(history)
+                .collect()
+        } else {
+            history.to_vec()
+        };
+        assert_eq!(got, want, "granted {granted}, {qos:?}");
+        assert_eq!(
+            (done.sub_id, done.seq, done.count),
+            (7, boundary, want.len() as u64)
+        );
+    }
+    relay.stop().await;
+}

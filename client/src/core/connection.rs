@@ -1287,6 +1287,7 @@ impl Engine {
         match f {
             Frame::Msg(m) => self.on_msg(&m, now),
             Frame::SubOk(ok) => {
+                tracing::debug!(sub_id = ok.sub_id, seq = ok.seq, history = ?ok.history, "SubOk");
                 self.core
                     .sub_confirmed(ok.sub_id, ok.seq, ok.history == Some(true));
                 self.sub_ok(ok.sub_id)
@@ -1314,6 +1315,7 @@ impl Engine {
             }
             Frame::Ping(p) => self.send(Frame::Pong(Pong { nonce: p.nonce })),
             Frame::ReplayDone(d) => {
+                tracing::debug!(sub_id = d.sub_id, seq = d.seq, "ReplayDone");
                 if let Some(sub) = self.core.local_for(d.sub_id) {
                     // Only a replay's end is the application's (retained values end too).
                     if self.core.replay_done(d.sub_id, d.seq) {
@@ -1519,6 +1521,12 @@ impl Engine {
     /// not yet confirmed wait for the new relay ids.
     fn resubscribe(&mut self, now: Now) {
         for f in self.core.resubscribe_all(now.unix_ms) {
+            if let Frame::Sub(s) = &f {
+                // Where each subscription resumes decides what it gets again: the first
+                // thing to know when one misses messages across a reconnect.
+                tracing::debug!(sub_id = s.sub_id, local = ?self.core.local_for(s.sub_id),
+                    replay = ?s.replay, "resubscribing");
+            }
             self.send(f);
         }
         for (id, s) in self.subs.iter_mut() {

@@ -23,6 +23,11 @@ impl LogBuf {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
+
+    /// Forgets everything written so far.
+    pub fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
 }
 
 /// Captures this thread's WARN and ERROR lines until the guard drops. Only what runs on
