@@ -1717,8 +1717,27 @@ async fn a_replay_under_credit_is_not_held_up_by_a_neighbour_that_stopped_readin
 /// values, and the five messages published during its hand-over were lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_during_the_retained_values_loses_no_stored_message() {
+    cut_during_the_hand_over(false).await;
+}
+
+/// The same with nothing delivered before the cut — what the CI run saw: the relay
+/// confirmed the subscription (`SubOk`, its retained values to follow) and the connection
+/// ended before anything else of it arrived (a proxy passes the relay's frames up to the
+/// `SubOk` only). The subscription had received nothing, so it resumed from nowhere: before,
+/// it started live again and the five messages published meanwhile were lost; now it resumes
+/// from its `SubOk`, with the retained values older than that first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_right_after_the_subscription_was_confirmed_loses_no_stored_message() {
+    cut_during_the_hand_over(true).await;
+}
+
+/// Three retained values, an at-least-once subscription whose hand-over is cut — after one
+/// retained value reached it (credit 1, nothing read), or (`at_sub_ok`) right after its
+/// `SubOk` — with five messages published meanwhile: all eight arrive once, in order.
+async fn cut_during_the_hand_over(at_sub_ok: bool) {
+    use std::sync::atomic::Ordering::SeqCst;
     let relay = TestRelay::start().await;
-    let proxy = KillerProxy::start(relay.addrs.tcp.unwrap()).await;
+    let proxy = KillerProxy::start_framed(relay.addrs.tcp.unwrap()).await;
     let t = tree("handover");
     let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
     for (topic, v) in [("s/r1", 1u32), ("s/r2", 2), ("s/r3", 3)] {
@@ -1734,26 +1753,23 @@ async fn a_cut_during_the_retained_values_loses_no_stored_message() {
         ))
         .with(Encryption::with_keyring(keyring_with(&t)))
         .with(identity())
-        .subscription_capacity(1)
         .connect()
         .await
         .unwrap();
     let mut state = c.state_changes();
-    let mut sub = c
-        .subscribe_with_options::<u32>(
-            "s/#",
-            SubscribeOptions::new().qos(Qos::AtLeastOnce).capacity(1),
-        )
-        .await
-        .unwrap();
-    // Nothing read: the first retained value fills the subscription's one slot (its credit
-    // at the relay too), and the relay waits for its ack before it sends the next.
+    proxy.hold_after_sub_ok.store(at_sub_ok, SeqCst);
+    let opts = SubscribeOptions::new().qos(Qos::AtLeastOnce);
+    // Nothing read: with a capacity (and credit at the relay) of one, the first retained
+    // value fills it and the relay waits for its ack before it sends the next.
+    let opts = if at_sub_ok { opts } else { opts.capacity(1) };
+    let mut sub = c.subscribe_with_options::<u32>("s/#", opts).await.unwrap();
     for v in 10..15u32 {
         p.publish_with("s/live", &v, PublishOptions::at_least_once())
             .await
             .unwrap();
     }
     p.flush().await.unwrap();
+    proxy.hold_after_sub_ok.store(false, SeqCst);
     proxy.cut_all();
     until_reconnecting(&mut state).await;
     let mut got = Vec::new();
@@ -1766,16 +1782,10 @@ async fn a_cut_during_the_retained_values_loses_no_stored_message() {
     }
     assert_eq!(
         got,
-        vec![
-            (1, true),
-            (2, true),
-            (3, true),
-            (10, false),
-            (11, false),
-            (12, false),
-            (13, false),
-            (14, false)
-        ],
+        [(1, true), (2, true), (3, true)]
+            .into_iter()
+            .chain((10..15).map(|v| (v, false)))
+            .collect::<Vec<_>>(),
         "every retained value, then every message stored during the hand-over, once"
     );
     // Nothing more: a live message is the next one (no duplicate before it).

@@ -20,10 +20,26 @@ pub struct KillerProxy {
     /// While true, bytes from clients are not read (they wait in the sockets' buffers,
     /// then in the client); see [`KillerProxy::stall`].
     stalled: Arc<watch::Sender<bool>>,
+    /// While set (a proxy from [`KillerProxy::start_framed`] only), a connection passes the
+    /// relay's frames up to and including its next `SubOk`, and none after it: to its client
+    /// the relay confirmed a subscription and then fell silent (until a cut).
+    pub hold_after_sub_ok: Arc<AtomicBool>,
 }
 
 impl KillerProxy {
     pub async fn start(upstream: SocketAddr) -> Self {
+        Self::start_with(upstream, false).await
+    }
+
+    /// [`KillerProxy::start`], passing the relay's frames whole (parsed by their length
+    /// prefix), so that [`KillerProxy::hold_after_sub_ok`] works.
+    pub async fn start_framed(upstream: SocketAddr) -> Self {
+        Self::start_with(upstream, true).await
+    }
+
+    async fn start_with(upstream: SocketAddr, framed: bool) -> Self {
+        let hold_after_sub_ok = Arc::new(AtomicBool::new(false));
+        let hold = hold_after_sub_ok.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let kill = Arc::new(Notify::new());
@@ -36,7 +52,7 @@ impl KillerProxy {
                 let Ok(relay) = tokio::net::TcpStream::connect(upstream).await else {
                     continue;
                 };
-                let (hole, k, tx) = (hole.clone(), k.clone(), tx.clone());
+                let (hole, k, tx, hold) = (hole.clone(), k.clone(), tx.clone(), hold.clone());
                 let mut gate = stall.subscribe();
                 tokio::spawn(async move {
                     let (mut cr, mut cw) = client.into_split();
@@ -66,7 +82,13 @@ impl KillerProxy {
                     // Dropping both halves of both sockets cuts the connection.
                     tokio::select! {
                         _ = upstream => {}
-                        _ = tokio::io::copy(&mut rr, &mut cw) => {}
+                        _ = async {
+                            if framed {
+                                downstream_framed(&mut rr, &mut cw, &hold).await;
+                            } else {
+                                let _ = tokio::io::copy(&mut rr, &mut cw).await;
+                            }
+                        } => {}
                         _ = k.notified() => {}
                     }
                 });
@@ -78,6 +100,7 @@ impl KillerProxy {
             blackhole,
             swallowed,
             stalled,
+            hold_after_sub_ok,
         }
     }
 
@@ -88,5 +111,50 @@ impl KillerProxy {
 
     pub fn cut_all(&self) {
         self.kill.notify_waiters();
+    }
+}
+
+/// Copies the relay's bytes to the client frame by frame (4-byte big-endian length prefix,
+/// PROTOCOL §3.1); while `hold` is set, nothing after a `SubOk` is passed on.
+async fn downstream_framed(
+    rr: &mut tokio::net::tcp::OwnedReadHalf,
+    cw: &mut tokio::net::tcp::OwnedWriteHalf,
+    hold: &AtomicBool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    let mut holding = false;
+    loop {
+        let n = rr.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            return;
+        }
+        if holding {
+            continue;
+        }
+        pending.extend_from_slice(&buf[..n]);
+        let mut whole = 0;
+        while pending.len() - whole >= 4 {
+            let len = u32::from_be_bytes(pending[whole..whole + 4].try_into().unwrap()) as usize;
+            let end = whole + 4 + len;
+            if pending.len() < end {
+                break;
+            }
+            let frame = bytes::Bytes::copy_from_slice(&pending[whole + 4..end]);
+            whole = end;
+            if hold.load(Ordering::SeqCst)
+                && matches!(
+                    whispeer::protocol::Frame::decode(&frame),
+                    Ok(whispeer::protocol::Frame::SubOk(_))
+                )
+            {
+                holding = true;
+                break;
+            }
+        }
+        if cw.write_all(&pending[..whole]).await.is_err() {
+            return;
+        }
+        pending.drain(..whole);
     }
 }
