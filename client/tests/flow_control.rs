@@ -571,16 +571,22 @@ async fn beside(
         .connect()
         .await
         .unwrap();
+    // No retained values asked (see `unstored_messages_skipped_while_paused`): live from
+    // their `SubOk`, however long a hand-over would take.
     let s = c
         .subscribe_with_options::<u32>(
             "t/#",
             SubscribeOptions::new()
                 .qos(Qos::AtLeastOnce)
-                .capacity(credit),
+                .capacity(credit)
+                .retained(false),
         )
         .await
         .unwrap();
-    let mut n = c.subscribe_with_options::<u32>(filter, opts).await.unwrap();
+    let mut n = c
+        .subscribe_with_options::<u32>(filter, opts.retained(false))
+        .await
+        .unwrap();
     tokio::spawn(async move { while n.next().await.is_some() {} });
     let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
     (relay, proxy, c, s, p)
