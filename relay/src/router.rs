@@ -231,7 +231,10 @@ impl Drop for Target {
 }
 
 impl Target {
-    /// Holds a live message back in the open gate (see [`Gate`]).
+    /// Holds a live message back in the open gate (see [`Gate`]). Returns how many
+    /// messages that dropped (counted in the relay's metric at once by the caller, so a
+    /// subscriber that never reads — whose gate may never open — shows its losses; its
+    /// `Gap` follows when the gate opens).
     fn hold_back(
         &self,
         gate: &mut Gate,
@@ -239,27 +242,28 @@ impl Target {
         envelope: &Envelope,
         frame: Bytes,
         stored: bool,
-    ) {
+    ) -> u64 {
         if let Some(p) = gate.spill.as_mut() {
             if stored {
                 p.missed_max = p.missed_max.max(seq);
             } else {
                 p.lost += 1;
             }
-            return;
+            return 0;
         }
         let len = frame.len();
+        let mut dropped = 0;
         loop {
             if gate.buf.len() < self.gate_limit && self.out.hold_gated(len) {
                 gate.bytes += len;
                 gate.buf.push_back((seq, envelope.clone(), frame, stored));
-                return;
+                break;
             }
             if self.track.is_some() {
                 if seq == 0 {
                     // Unnumbered (live-only with the JetStream store): it cannot wait in
                     // the store, and the held-back messages before it must not go.
-                    gate.dropped += 1;
+                    dropped += 1;
                 } else {
                     gate.spill = Some(Paused {
                         next: seq,
@@ -268,18 +272,20 @@ impl Target {
                         stored: 0,
                     });
                 }
-                return;
+                break;
             }
             // QoS 0: the oldest held-back message goes, counted for a Gap.
-            gate.dropped += 1;
+            dropped += 1;
             match gate.buf.pop_front() {
                 Some((.., old, _)) => {
                     gate.bytes -= old.len();
                     self.out.free_gated(old.len());
                 }
-                None => return,
+                None => break,
             }
         }
+        gate.dropped += dropped;
+        dropped
     }
 
     /// Opens the gate: what it still holds is given back to the connection's account.
@@ -553,8 +559,8 @@ impl Router {
                     target.out.push_control(d);
                 }
                 if gate.dropped > 0 {
+                    // Counted in the metric when dropped (`hold_back`); told now.
                     target.out.add_dropped(gate.dropped);
-                    self.metrics.dropped(gate.dropped);
                     gate.dropped = 0;
                 }
                 let n = gate.buf.len().min(step);
@@ -949,7 +955,10 @@ impl Router {
                 let mut g = lock(&t.gate);
                 if let Some(gate) = g.as_mut() {
                     let frame = encoded.get_or_insert_with(encode).clone();
-                    t.hold_back(gate, seq.0, envelope, frame, stored);
+                    let dropped = t.hold_back(gate, seq.0, envelope, frame, stored);
+                    if dropped > 0 {
+                        self.metrics.dropped(dropped);
+                    }
                     continue;
                 }
             }

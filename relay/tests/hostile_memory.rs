@@ -931,9 +931,11 @@ async fn acks(p: &mut Client, n: usize) {
 
 /// A QoS 0 subscriber whose replay stalls because it does not read: live messages
 /// published meanwhile are held back within `queue.max_bytes` (256 KiB here); an
-/// at-most-once subscription has no store to wait in, so the oldest go. When it reads: the
-/// whole history, `ReplayDone`, a `Gap` counting the dropped ones, then the newest held-back
-/// messages in order.
+/// at-most-once subscription has no store to wait in, so the oldest go — counted in
+/// `whispeer_relay_dropped_messages_total` at once, while the subscriber still reads
+/// nothing (its `Gap` can only follow the history). When it reads: the whole history,
+/// `ReplayDone`, a `Gap` counting the dropped ones, then the newest held-back messages in
+/// order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_qos0_replay_keeps_the_newest_held_back_messages_and_counts_the_rest() {
     use whispeer_protocol::frame::{msg_flags, Ping};
@@ -965,6 +967,11 @@ async fn a_stalled_qos0_replay_keeps_the_newest_held_back_messages_and_counts_th
     }
     p.send(&Frame::Ping(Ping { nonce: 1 })).await;
     assert!(matches!(p.recv().await, Frame::Pong(_)));
+    let counted = metric(relay.admin(), "whispeer_relay_dropped_messages_total").await;
+    assert!(
+        counted > 0,
+        "the drops are visible before the subscriber reads (the relay counted {counted})"
+    );
     let base = envelope_sized(1, &[1], LIVE_BODY).as_bytes().len();
     let (mut history, mut live, mut gap, mut done) = (0, Vec::new(), 0, false);
     while !done || gap + live.len() < LIVE as usize {
@@ -986,6 +993,7 @@ async fn a_stalled_qos0_replay_keeps_the_newest_held_back_messages_and_counts_th
     }
     assert_eq!(history, STORED);
     assert!(gap > 0, "nothing dropped of {LIVE} held back");
+    assert_eq!(gap as u64, counted, "the Gap tells what the metric counted");
     let newest: Vec<usize> = (LIVE as usize - live.len()..LIVE as usize).collect();
     assert_eq!(
         live, newest,
