@@ -318,6 +318,16 @@ struct LocalSub {
     /// Never taken, such a copy moves no resume position: a reconnect before the catch-up
     /// asks for it again. Within `skipped`'s bound; emptied on every `Sub`.
     paused_skips: std::collections::BTreeSet<(u64, u64)>,
+    /// Unnumbered messages (sequence 0: live-only with the cluster's JetStream store) that
+    /// first reached this client in a copy the relay named for another subscription, and
+    /// that this one matches, by dedup digest. The relay holds a live message back for
+    /// each subscription in its hand-over and then sends each its own named copy: this
+    /// one's follows and is a duplicate to the dedup window, yet still this one's (it
+    /// was dropped so: found with a slow hand-over, two subscriptions on one topic — one
+    /// of them lost every unnumbered message published during it). Unnumbered copies
+    /// cannot be told apart by sequence (as `skipped` does), so by digest, each spent by
+    /// the copy it lets past. At most [`MAX_GOT`]; emptied on every `Sub`.
+    unnumbered_owed: std::collections::HashSet<receive::Digest>,
     /// Sequences a neighbour's copy (one of its history, say) reached the client at while
     /// this subscription's own history — relay subscription, sequence — will still bring
     /// them ([`ClientCore::history_awaits`]): the neighbour's `Ack` of the sequence frees it
@@ -1517,6 +1527,7 @@ impl ClientCore {
         // Its relay subscriptions are replaced (their debts forgiven with them); the
         // `skipped` entries stay: its resume history brings those copies.
         sub.paused_skips.clear();
+        sub.unnumbered_owed.clear();
         sub.history_debts.clear();
         sub.held_retained.clear();
         for old in sub.relay_ids.drain(..) {
@@ -1696,6 +1707,7 @@ impl ClientCore {
                 skipped: Default::default(),
                 awaiting: HashMap::new(),
                 paused_skips: Default::default(),
+                unnumbered_owed: Default::default(),
                 history_debts: Default::default(),
             },
         );
@@ -2608,6 +2620,20 @@ impl ClientCore {
                 if is_catch_up(msg) {
                     self.neighbours_await(msg, keys.0);
                 }
+                // Unnumbered, in a copy named for another subscription: each other one
+                // matching it gets its own copy too (`LocalSub::unnumbered_owed`).
+                let history = frame::msg_flags::REPLAYED | frame::msg_flags::RETAINED;
+                if let (0, Some(rid), 0) = (msg.seq, msg.sub_id, msg.flags & history) {
+                    for s in self.subs.values_mut() {
+                        if !s.relay_ids.contains(&rid)
+                            && s.tree == cand.tree
+                            && s.filter.matches(cand.topic)
+                            && s.unnumbered_owed.len() < MAX_GOT
+                        {
+                            s.unnumbered_owed.insert(keys.0);
+                        }
+                    }
+                }
                 (Some(a), entitled.clone())
             }
             Err(why @ (receive::Refusal::Duplicate | receive::Refusal::BeforeWindow)) => {
@@ -2650,6 +2676,7 @@ impl ClientCore {
                                         || self.resume_new.contains(&dig)
                                         || s.carried.contains(&dig)))
                                     || (msg.seq > 0 && s.skipped.get(&msg.seq) == Some(&Some(dig)))
+                                    || (msg.seq == 0 && s.unnumbered_owed.contains(&dig))
                                     || (replayed
                                         && s.opts
                                             .durable
@@ -2664,6 +2691,13 @@ impl ClientCore {
                         self.stats.duplicates += 1;
                     }
                     return Delivery::Placeholder;
+                }
+                if msg.seq == 0 {
+                    for id in &asked {
+                        if let Some(s) = self.subs.get_mut(id) {
+                            s.unnumbered_owed.remove(&dig);
+                        }
+                    }
                 }
                 (None, asked)
             }

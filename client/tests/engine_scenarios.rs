@@ -2073,6 +2073,53 @@ fn an_unnumbered_message_without_room_is_dropped_once_and_reaches_the_neighbour(
     );
 }
 
+/// With the cluster's JetStream store a QoS 0 publish is unnumbered (sequence 0). A relay
+/// holding live messages back for subscriptions in their hand-over (retained values or
+/// history) sends each of them its own copy after its `ReplayDone`, naming it: the second
+/// subscription's copy is a duplicate to the dedup window, yet its own — it was dropped so,
+/// and a subscription beside another on the same topics lost every unnumbered message
+/// published during its hand-over (found with the relay's retained values slowed: the
+/// failover test `unnumbered_messages_beyond_a_qos1_subscriptions_room_reach_its_qos0_neighbour`).
+/// Each subscription that matches gets it once: a further copy naming either is a
+/// duplicate, and one that does not match the topic is owed nothing.
+#[test]
+fn an_unnumbered_message_in_a_copy_named_for_each_subscription_reaches_each_once() {
+    let mut steps = connected_with(live_sub(1, "u/#", qos1()));
+    steps.extend(live_sub(2, "u/#", SubscribeOptions::new()));
+    steps.extend(live_sub(3, "x/#", SubscribeOptions::new()));
+    steps.push(Seal {
+        name: "u1",
+        topic: "u/a",
+    });
+    let named = |id| DeliverHistory {
+        msg: "u1",
+        seq: 0,
+        flags: 0,
+        id,
+    };
+    steps.extend([
+        named(2),
+        ExpectEvent(Ev::Message { sub: 2, msg: "u1" }),
+        ExpectNoEvent,
+        named(1),
+        ExpectEvent(Ev::Message { sub: 1, msg: "u1" }),
+        ExpectNoEvent,
+        // Spent: a relay replaying it reaches neither again.
+        named(1),
+        named(2),
+        ExpectNoEvent,
+        ExpectStat(Stat::Duplicates, 2),
+        // Not the topic of subscription 3: a copy naming it is not its.
+        named(3),
+        ExpectNoEvent,
+    ]);
+    play(
+        "unnumbered named copies",
+        || Sim::new(|c| c.sub_capacity = 4),
+        &steps,
+    );
+}
+
 /// Subscriptions 1 (at least once, the simulation's capacity) and 2 (`second`) on `h/#`,
 /// messages `m1` and `m2` sealed, and `m1` (sequence 1) delivered to both: the start of the
 /// held-back-message scenarios below.

@@ -240,6 +240,39 @@ impl RelayProcess {
     pub fn tcp_url(&self) -> String {
         format!("tcp://{}", self.tcp)
     }
+
+    /// The relay's Prometheus sample `name` (no labels) from its admin port, read with a
+    /// plain blocking HTTP/1.0 request.
+    pub fn metric(&self, name: &str) -> u64 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.admin).expect("admin port");
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", self.admin).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in the relay's metrics"))
+            .trim()
+            .parse()
+            .expect("a counter")
+    }
+
+    /// Waits until the relay's metric `name` satisfies `cond`. The relay offers no event
+    /// for its counters; polled every 10 ms, bounded by [`TIMEOUT`].
+    pub fn wait_metric(&self, name: &str, cond: impl Fn(u64) -> bool) -> u64 {
+        let end = std::time::Instant::now() + TIMEOUT;
+        loop {
+            let v = self.metric(name);
+            if cond(v) {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "{name} stayed at {v} for {TIMEOUT:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
 }
 
 impl Drop for RelayProcess {
