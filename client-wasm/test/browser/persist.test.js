@@ -76,6 +76,10 @@ async function outboxAcrossReload(name, persistence) {
   try {
     await pageConnect(page, relay.url, opts);
     await page.evaluate((topic) => window.c.publish(topic, 0, { qos: 1 }), topic);
+    // Stored in the relay's memory only (the control's point is the page's outbox, not
+    // the relay's store): the subscriber has it before the relay goes (its retained
+    // hand-over may hold it back a while).
+    await sub.when(() => sub.got.includes(0));
     await relay.stop();
     await page.evaluate(async (topic) => {
       await window.c.waitForState('reconnecting');
